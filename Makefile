@@ -1,0 +1,21 @@
+# Two commands: `make setup` (creates .venv/ and installs everything, pinned) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test collect-env
+
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) projects/setup/install_detectron2.py --timeout 20
+	$(PY) -m pip install -q --no-deps panopticapi-lite==0.2.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m panoptic_segformer.collect_env
+
+test:
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+collect-env:
+	$(PY) -m panoptic_segformer.collect_env

@@ -1,0 +1,11 @@
+"""Panoptic SegFormer (CVPR'22) for Detectron2.
+
+Importing the package registers the meta-architecture ``PanopticSegFormer`` in Detectron2's
+``META_ARCH_REGISTRY`` and the datasets (COCO/ADE20K panoptic, ``coco_panoptic_sample``,
+``shapes_panoptic_*``) in its catalog.
+"""
+from .config import add_panoptic_segformer_config
+from . import data  # noqa: F401  (registers datasets)
+from .data import PanopticSegFormerDatasetMapper
+
+__all__ = ["add_panoptic_segformer_config", "PanopticSegFormerDatasetMapper"]

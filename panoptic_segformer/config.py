@@ -1,0 +1,113 @@
+"""Configuration of Panoptic SegFormer: every hyper-parameter of the paper, with its paper default.
+
+`add_panoptic_segformer_config(cfg)` adds the keys below to a Detectron2 `CfgNode`. Detectron2 raises
+a KeyError for any key of a YAML file that is not declared here or in its own defaults, so a typo in a
+config is an error, never silently ignored; and every key declared here is read by the code.
+
+Paper defaults (Appendix A.1): 300 thing queries, one stuff query per stuff class, 6 encoder /
+location-decoder / mask-decoder layers, 8 heads, 4 sampling points, 3 feature levels (C3-C5),
+lambda_cls = 2, lambda_seg = 1, lambda_det = 1, alpha = 1, beta = 2, t_cnf = 0.25, t_keep = 0.6,
+AdamW with lr 1.4e-4 and a backbone multiplier of 0.1.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_panoptic_segformer_config"]
+
+
+def add_panoptic_segformer_config(cfg):
+    """Add Panoptic SegFormer's keys to `cfg` in place (idempotent) and return it."""
+    if "PANOPTIC_SEGFORMER" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.PANOPTIC_SEGFORMER = CN()
+    psf = cfg.MODEL.PANOPTIC_SEGFORMER
+    # Classes. Contiguous ids follow Detectron2's "standard" panoptic convention (ids over all
+    # categories; which of them are things comes from the dataset metadata). These two numbers must
+    # match the training dataset's metadata (checked when the model is built).
+    psf.NUM_THING_CLASSES = 80
+    psf.NUM_STUFF_CLASSES = 53
+    # Backbone features C3-C5 (strides 8/16/32), mapped to HIDDEN_DIM by the channel mapper (Sec. 3.1).
+    psf.IN_FEATURES = ["res3", "res4", "res5"]
+    psf.HIDDEN_DIM = 256
+    psf.NHEADS = 8
+    psf.DIM_FEEDFORWARD = 1024
+    psf.DROPOUT = 0.1
+    # Transformer encoder of deformable attention layers (Sec. 3.2).
+    psf.ENC_LAYERS = 6
+    psf.ENC_N_POINTS = 4
+    # Query decoupling (Sec. 3.3.1): N_th thing queries + one stuff query per stuff class.
+    # False = the joint-matching baseline of Table 8 (N_th + N_st queries through both decoders, all
+    # matched by Hungarian matching over all classes).
+    psf.QUERY_DECOUPLING = True
+    psf.NUM_THING_QUERIES = 300
+    # Location decoder (Sec. 3.3.2): 0-6 deformable decoder layers with iterative box refinement.
+    psf.LOCATION_DECODER_LAYERS = 6
+    psf.DEC_N_POINTS = 4
+    # Box-free variant (Table 6, row 6*): predict mask mass centres, supervised by L1 only.
+    psf.BOX_FREE = False
+    # Query filtering (Appendix B.2): multi-round matching on the location decoder's outputs selects
+    # the promising thing queries fed to the mask decoder in training.
+    psf.QUERY_FILTER = CN()
+    psf.QUERY_FILTER.ENABLED = True
+    psf.QUERY_FILTER.NUM_ROUNDS = 3
+    psf.QUERY_FILTER.NUM_QUERIES = 50
+    # Mask decoder (Sec. 3.3.3): cross-attention layers, masks from attention maps (Eq. 1-2).
+    psf.MASK_DECODER_LAYERS = 6
+    psf.MASK_DECODER_SELF_ATTN = False
+    psf.DEEP_SUPERVISION = True
+    # Loss weights (Eq. 3-5, Appendix A.1) and Deformable DETR's detection loss weights.
+    psf.CLASS_WEIGHT = 2.0
+    psf.MASK_WEIGHT = 1.0
+    psf.DET_WEIGHT = 1.0
+    psf.DET_CLASS_WEIGHT = 2.0
+    psf.DET_BBOX_WEIGHT = 5.0
+    psf.DET_GIOU_WEIGHT = 2.0
+    psf.FOCAL_ALPHA = 0.25
+    psf.FOCAL_GAMMA = 2.0
+    # lambda_things / lambda_stuff set per image from the proportion of things and stuff (Eq. 3).
+    psf.DYNAMIC_THINGS_STUFF_WEIGHT = True
+    # Hungarian matcher costs (things: classification + detection + segmentation, Sec. 3.4).
+    psf.MATCHER = CN()
+    psf.MATCHER.COST_CLASS = 2.0
+    psf.MATCHER.COST_BBOX = 5.0
+    psf.MATCHER.COST_GIOU = 2.0
+    psf.MATCHER.COST_MASK = 1.0
+    # Inference.
+    psf.TEST = CN()
+    # Post-processor from panoptic_segformer.postprocessing.POSTPROCESSOR_REGISTRY: "mask_wise"
+    # (Algorithm 1, Sec. 3.5), "pixel_argmax" (DETR), "pixel_argmax_prob" (MaskFormer), "heuristic".
+    psf.TEST.POSTPROCESSOR = "mask_wise"
+    # Mask-wise merging (Eq. 6): alpha, beta, binarisation threshold, t_cnf and t_keep, each for
+    # things and stuff (the official code uses separate values; the paper's are the defaults).
+    psf.TEST.ALPHA = 1.0
+    psf.TEST.BETA = 2.0
+    psf.TEST.MASK_THRESHOLD = 0.5
+    psf.TEST.CONF_THRESHOLD_THING = 0.25
+    psf.TEST.CONF_THRESHOLD_STUFF = 0.25
+    psf.TEST.KEEP_THRESHOLD_THING = 0.6
+    psf.TEST.KEEP_THRESHOLD_STUFF = 0.6
+    # Use only the first K mask-decoder layers at inference (Table 10); 0 = all.
+    psf.TEST.NUM_MASK_DECODER_LAYERS = 0
+    # Thing queries passed to the mask decoder at inference, the top ones by the location decoder's
+    # class score; 0 = all N_th.
+    psf.TEST.NUM_THING_QUERIES = 0
+    # Outputs: panoptic_seg, instances (top DETECTIONS_PER_IMAGE things, Table 4), sem_seg.
+    psf.TEST.PANOPTIC_ON = True
+    psf.TEST.INSTANCE_ON = True
+    psf.TEST.SEMANTIC_ON = True
+    psf.TEST.DETECTIONS_PER_IMAGE = 100
+
+    # Solver extras (Appendix A.1): AdamW, backbone LR multiplier, full-model gradient clipping.
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Detectron2's CLIP_TYPE "value"/"norm" clip per parameter; "full_model" clips the global norm
+    # of all parameters together (as DETR / Deformable DETR do).
+
+    # Data (Sec. 4.1): augmentations of PanopticSegFormerDatasetMapper.
+    # With this probability, DETR-style crop: resize the short side to one of CROP_RESIZE_SHORT,
+    # random crop (INPUT.CROP, absolute_range 384-600), then the multi-scale resize.
+    cfg.INPUT.DETR_CROP_PROB = 0.5
+    cfg.INPUT.CROP_RESIZE_SHORT = [400, 500, 600]
+    cfg.INPUT.SIZE_DIVISIBILITY = 32
+    # Images smaller than this (either side, in pixels) are rejected with an error naming the file.
+    cfg.INPUT.MIN_IMAGE_SIZE = 32
+    return cfg

@@ -1,0 +1,481 @@
+"""Mask decoder of Panoptic SegFormer (Sec. 3.3.3, Eq. 1-2, Appendix B.3, Fig. B.4/B.5).
+
+Queries (location-aware thing queries from the location decoder, then class-fixed stuff queries) attend
+to the encoder tokens F with plain multi-head cross-attention. Every layer
+
+* classifies its refined queries with an FC layer: thing queries over all thing classes, each stuff
+  query with ONE logit for its own stuff class (class-fixed assignment, Sec. 3.3.1);
+* turns its multi-head, multi-scale attention maps A (N, h, Q, L1+L2+L3) into mask logits with a tiny
+  head (Eq. 1 split/reshape per level, Eq. 2 upsample to 1/8 and concatenate, then a 1x1-conv head,
+  Fig. B.5), so the ground-truth masks supervise where each layer attends (deep supervision).
+
+Design decisions (documented here once):
+
+* **Attention maps are the pre-softmax scaled dot products** ``q.k / sqrt(d_head)``. The official code
+  (zhiqi-li/Panoptic-SegFormer, ``easymd/models/panformer/mask_head.py``, class ``Attention``) splits the
+  ``attn = (q @ k^T) * scale`` tensor into levels *before* ``attn.softmax(-1)``; softmax weights would
+  also be ~1/S small and coupled across all levels and positions.
+* **Padding never leaks into masks.** Padding keys are excluded from the softmax (key padding mask), and
+  before Eq. 2's upsampling every level map is edge-replicated from its valid (top-left) region into the
+  padded region, so bilinear interpolation near the valid border sees the same values as for the image
+  alone. Mask logits inside the padded region are therefore edge extensions, never padded-token scores.
+  Exact invariance needs per-level valid sizes that halve exactly (as with size-divisible padding);
+  otherwise ``size=`` upsampling of different-sized maps differs by construction.
+* **One mask head per layer** (not shared), as the official code (each decoder ``Block`` owns its head);
+  it costs ~200 parameters per layer.
+* The first 1x1 convolution of the head is applied to each level *before* upsampling (a per-pixel
+  channel mix commutes exactly with bilinear interpolation), so the (N*Q, h*L, H_1, W_1) tensor of Eq. 2
+  is never materialised in ``forward``; ``AttentionMaskHead.fuse`` builds it explicitly.
+
+Shapes: ``N`` batch, ``Q`` queries (thing then stuff), ``C`` channels, ``h`` heads, ``S`` tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "focal_prior_bias",
+    "check_multiscale_inputs",
+    "MultiHeadCrossAttentionWithMaps",
+    "AttentionMaskHead",
+    "MaskDecoderLayer",
+    "MaskDecoder",
+]
+
+ShapesLike = Union[Tensor, Sequence[Sequence[int]]]
+
+
+def _as_shapes(spatial_shapes: ShapesLike) -> List[Tuple[int, int]]:
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def _as_starts(level_start_index: Union[Tensor, Sequence[int]]) -> List[int]:
+    if isinstance(level_start_index, Tensor):
+        level_start_index = level_start_index.tolist()
+    return [int(s) for s in level_start_index]
+
+
+def _replicate_index(level_padding_mask: Tensor) -> Tensor:
+    """Flat source index that edge-replicates each image's valid (top-left) region over its padding.
+
+    Args:
+        level_padding_mask: (N, H, W) bool, True = padding.
+    Returns:
+        (N, H*W) int64: position ``(r, c)`` reads ``(min(r, h_valid-1), min(c, w_valid-1))``.
+    """
+    n, h, w = level_padding_mask.shape
+    valid = ~level_padding_mask
+    valid_h = valid.any(dim=2).sum(dim=1).clamp(min=1)  # (N,)
+    valid_w = valid.any(dim=1).sum(dim=1).clamp(min=1)
+    device = level_padding_mask.device
+    rows = torch.minimum(torch.arange(h, device=device)[None], valid_h[:, None] - 1)  # (N, H)
+    cols = torch.minimum(torch.arange(w, device=device)[None], valid_w[:, None] - 1)  # (N, W)
+    return (rows[:, :, None] * w + cols[:, None, :]).reshape(n, h * w)
+
+
+def focal_prior_bias(prior_prob: float = 0.01) -> float:
+    """Bias making ``sigmoid(bias) == prior_prob`` (focal-loss prior, RetinaNet Sec. 4.1): -log((1-p)/p)."""
+    return -math.log((1.0 - prior_prob) / prior_prob)
+
+
+def check_multiscale_inputs(
+    memory: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    padding_mask: Optional[Tensor],
+    d_model: int,
+    n_levels: int,
+) -> List[tuple]:
+    """Validate the flattened multi-scale encoder tokens F (Sec. 3.2) and return ``[(H_l, W_l), ...]``.
+
+    Args:
+        memory: (N, S, C) tokens of all levels, level-major, each level row-major (H_l, W_l).
+        spatial_shapes: (L, 2) int64 (H_l, W_l).
+        level_start_index: (L,) start offset of each level in S.
+        padding_mask: (N, S) bool, True = padding, or None.
+    Raises:
+        ValueError naming the offending argument and the shapes.
+    """
+    if memory.dim() != 3 or memory.shape[-1] != d_model:
+        raise ValueError(f"memory must be (N, S, {d_model}), got {tuple(memory.shape)}")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape != (n_levels, 2):
+        raise ValueError(f"spatial_shapes must be ({n_levels}, 2), got {tuple(spatial_shapes.shape)}")
+    if spatial_shapes.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
+    if level_start_index.shape != (n_levels,):
+        raise ValueError(f"level_start_index must be ({n_levels},), got {tuple(level_start_index.shape)}")
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    total = sum(h * w for h, w in shapes)
+    if total != memory.shape[1]:
+        raise ValueError(f"memory has S={memory.shape[1]} tokens but spatial_shapes {shapes} sum to {total}")
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    if level_start_index.tolist() != starts:
+        raise ValueError(
+            f"level_start_index {level_start_index.tolist()} does not match spatial_shapes {shapes} "
+            f"(expected {starts})"
+        )
+    if padding_mask is not None:
+        if padding_mask.shape != memory.shape[:2] or padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"padding_mask must be bool (N, S)={tuple(memory.shape[:2])}, "
+                f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+            )
+    return shapes
+
+
+class MultiHeadCrossAttentionWithMaps(nn.Module):
+    """Multi-head cross-attention (Vaswani et al.) that also returns its attention maps A (Sec. 3.3.3).
+
+    q = W_q (query + query_pos), k = W_k (memory + memory_pos), v = W_v memory. The value path is
+    ``softmax(A, masked over padding keys) v``; the maps returned for Eq. 1 are the pre-softmax scaled
+    dot products ``A = q k^T / sqrt(C / h)`` (see the module docstring). Padding columns of A hold
+    meaningless scores; use the padding mask to ignore them.
+    """
+
+    def __init__(self, d_model: int = 256, n_heads: int = 8, dropout: float = 0.1):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        query_pos: Optional[Tensor] = None,
+        memory_pos: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """
+        Args:
+            query: (N, Q, C); query_pos: (N, Q, C) or None.
+            memory: (N, S, C); memory_pos: (N, S, C) or None.
+            key_padding_mask: (N, S) bool, True = padding, or None.
+        Returns:
+            out: (N, Q, C) attended values after the output projection.
+            attn: (N, h, Q, S) pre-softmax scaled attention logits A.
+        """
+        n, q_len, c = query.shape
+        s_len = memory.shape[1]
+        q_in = query if query_pos is None else query + query_pos
+        k_in = memory if memory_pos is None else memory + memory_pos
+        q = self.q_proj(q_in).view(n, q_len, self.n_heads, self.head_dim).transpose(1, 2)  # (N,h,Q,d)
+        k = self.k_proj(k_in).view(n, s_len, self.n_heads, self.head_dim).transpose(1, 2)  # (N,h,S,d)
+        v = self.v_proj(memory).view(n, s_len, self.n_heads, self.head_dim).transpose(1, 2)
+        attn = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (N, h, Q, S)
+        attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        # Same q, k and scale as `attn`; the fused kernel avoids storing softmax weights for backward.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0, scale=self.scale
+        )
+        out = out.transpose(1, 2).reshape(n, q_len, c)
+        return self.out_proj(out), attn
+
+
+class AttentionMaskHead(nn.Module):
+    """Attention maps -> mask logits (Eq. 1-2, Fig. B.5).
+
+    Eq. 1 splits A (N, h, Q, S) per level and reshapes to (N*Q, h, H_l, W_l); Eq. 2 bilinearly upsamples
+    levels 2..L to the level-1 (1/8) size (``size=`` of level 1, so odd sizes work) and concatenates
+    level-major over (level, head) -> (N*Q, h*L, H_1, W_1); then
+    Conv1x1(h*L -> hidden), ReLU, Conv1x1(hidden -> 1) gives the mask logits.
+
+    Parameter count: ``hidden * (h*L + 2) + 1`` = 209 for 8 heads x 3 levels, hidden 8.
+    """
+
+    def __init__(self, n_heads: int = 8, n_levels: int = 3, hidden: int = 8):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_levels = n_levels
+        self.hidden = hidden
+        self.conv1 = nn.Conv2d(n_heads * n_levels, hidden, kernel_size=1)
+        self.conv2 = nn.Conv2d(hidden, 1, kernel_size=1)
+
+    @staticmethod
+    def num_parameters_formula(n_heads: int, n_levels: int, hidden: int) -> int:
+        """``hidden*(h*L) + hidden`` (first conv) ``+ hidden + 1`` (second conv)."""
+        return hidden * (n_heads * n_levels + 2) + 1
+
+    def _check(self, attn: Tensor, shapes: List[Tuple[int, int]], starts: List[int]) -> None:
+        if attn.dim() != 4 or attn.shape[1] != self.n_heads:
+            raise ValueError(f"attn must be (N, h={self.n_heads}, Q, S), got {tuple(attn.shape)}")
+        if len(shapes) != self.n_levels or len(starts) != self.n_levels:
+            raise ValueError(
+                f"expected {self.n_levels} levels, got spatial_shapes {shapes} and level_start_index {starts}"
+            )
+        total = sum(h * w for h, w in shapes)
+        if attn.shape[-1] != total:
+            raise ValueError(f"attn has S={attn.shape[-1]} but spatial_shapes {shapes} sum to {total}")
+
+    def split(self, attn: Tensor, spatial_shapes: ShapesLike, level_start_index) -> List[Tensor]:
+        """Eq. 1: (N, h, Q, S) -> [(N*Q, h, H_l, W_l) for each level l]."""
+        shapes, starts = _as_shapes(spatial_shapes), _as_starts(level_start_index)
+        self._check(attn, shapes, starts)
+        n, h, q, _ = attn.shape
+        out = []
+        for (hl, wl), start in zip(shapes, starts):
+            a = attn[..., start : start + hl * wl].permute(0, 2, 1, 3)  # (N, Q, h, H_l*W_l)
+            out.append(a.reshape(n * q, h, hl, wl))
+        return out
+
+    def fuse(
+        self,
+        attn: Tensor,
+        spatial_shapes: ShapesLike,
+        level_start_index,
+        padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Eq. 1 + Eq. 2: A_fused = Concat(A_1, Up(A_2), Up(A_3)) of shape (N*Q, h*L, H_1, W_1).
+
+        With ``padding_mask`` (N, S) each level is edge-replicated over its padding before upsampling.
+        """
+        shapes, starts = _as_shapes(spatial_shapes), _as_starts(level_start_index)
+        self._check(attn, shapes, starts)
+        n, h, q, _ = attn.shape
+        size1 = shapes[0]
+        maps = []
+        for lvl, ((hl, wl), start) in enumerate(zip(shapes, starts)):
+            a = attn[..., start : start + hl * wl]  # (N, h, Q, H_l*W_l)
+            if padding_mask is not None:
+                idx = _replicate_index(padding_mask[:, start : start + hl * wl].view(n, hl, wl))
+                a = a.gather(-1, idx[:, None, None, :].expand(n, h, q, hl * wl))
+            a = a.permute(0, 2, 1, 3).reshape(n * q, h, hl, wl)
+            if lvl > 0:
+                a = F.interpolate(a, size=size1, mode="bilinear", align_corners=False)
+            maps.append(a)
+        return torch.cat(maps, dim=1)
+
+    def forward(
+        self,
+        attn: Tensor,
+        spatial_shapes: ShapesLike,
+        level_start_index,
+        padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """
+        Args:
+            attn: (N, h, Q, S) attention maps A of one decoder layer.
+            spatial_shapes: (L, 2) (H_l, W_l); level_start_index: (L,).
+            padding_mask: (N, S) bool, True = padding, or None.
+        Returns:
+            (N, Q, H_1, W_1) mask logits at the level-1 (1/8) resolution of the padded batch.
+            Equal to ``conv2(relu(conv1(fuse(attn))))``, computed without materialising ``fuse``.
+        """
+        shapes, starts = _as_shapes(spatial_shapes), _as_starts(level_start_index)
+        self._check(attn, shapes, starts)
+        n, h, q, _ = attn.shape
+        size1 = shapes[0]
+        if q == 0:
+            return attn.new_zeros((n, 0) + size1)
+        weight = self.conv1.weight.view(self.hidden, self.n_levels, h)  # channel index = level*h + head
+        fused = None
+        for lvl, ((hl, wl), start) in enumerate(zip(shapes, starts)):
+            a = attn[..., start : start + hl * wl]
+            p = torch.einsum("nhqs,ch->nqcs", a, weight[:, lvl])  # (N, Q, hidden, H_l*W_l)
+            if padding_mask is not None:
+                idx = _replicate_index(padding_mask[:, start : start + hl * wl].view(n, hl, wl))
+                p = p.gather(-1, idx[:, None, None, :].expand(n, q, self.hidden, hl * wl))
+            p = p.reshape(n * q, self.hidden, hl, wl)
+            if lvl > 0:
+                p = F.interpolate(p, size=size1, mode="bilinear", align_corners=False)
+            fused = p if fused is None else fused + p
+        x = F.relu(fused + self.conv1.bias.view(1, -1, 1, 1))
+        return self.conv2(x).view(n, q, *size1)
+
+
+class MaskDecoderLayer(nn.Module):
+    """One mask-decoder layer (Fig. B.4), post-norm.
+
+    [optional self-attention among queries -> Add & LayerNorm] -> cross-attention to F that also returns
+    its attention maps -> Add & LayerNorm -> FFN (Linear, ReLU, Linear) -> Add & LayerNorm.
+    Self-attention is off by default: App. B.3 found discarding it does not hurt; ``self_attn=True``
+    adds it (the official COCO checkpoints use it in the stuff branch).
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_heads: int = 8,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        self_attn: bool = False,
+    ):
+        super().__init__()
+        self.use_self_attn = self_attn
+        if self_attn:
+            self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+            self.dropout_sa = nn.Dropout(dropout)
+            self.norm_sa = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadCrossAttentionWithMaps(d_model, n_heads, dropout)
+        self.dropout_ca = nn.Dropout(dropout)
+        self.norm_ca = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout_ffn1 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout_ffn2 = nn.Dropout(dropout)
+        self.norm_ffn = nn.LayerNorm(d_model)
+        for lin in (self.linear1, self.linear2):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Optional[Tensor],
+        memory: Tensor,
+        memory_pos: Optional[Tensor],
+        padding_mask: Optional[Tensor],
+    ) -> Tuple[Tensor, Tensor]:
+        """
+        Args:
+            tgt: (N, Q, C) queries; query_pos: (N, Q, C) or None.
+            memory: (N, S, C); memory_pos: (N, S, C) or None; padding_mask: (N, S) bool or None.
+        Returns:
+            (N, Q, C) refined queries Q_refine and (N, h, Q, S) attention maps A.
+        """
+        if self.use_self_attn:
+            q = k = tgt if query_pos is None else tgt + query_pos
+            tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+            tgt = self.norm_sa(tgt + self.dropout_sa(tgt2))
+        tgt2, attn = self.cross_attn(tgt, memory, query_pos, memory_pos, padding_mask)
+        tgt = self.norm_ca(tgt + self.dropout_ca(tgt2))
+        tgt2 = self.linear2(self.dropout_ffn1(F.relu(self.linear1(tgt))))
+        tgt = self.norm_ffn(tgt + self.dropout_ffn2(tgt2))
+        return tgt, attn
+
+
+class MaskDecoder(nn.Module):
+    """Mask decoder (Sec. 3.3.3): classes and masks for thing and stuff queries from every layer.
+
+    Args:
+        num_thing_classes: classes of the thing-query FC (all classes in the joint-matching baseline,
+            which passes no stuff queries).
+        d_model, n_heads, d_ffn, dropout: layer hyper-parameters (App. A.1: 6 layers, 8 heads).
+        num_layers: D_m, number of layers (deep supervision over all of them, Eq. 4-5).
+        n_levels: L levels of F the attention maps are split into (Eq. 1).
+        self_attn: add self-attention to every layer (App. B.3 drops it by default).
+        mask_hidden: hidden channels of the mask head (8 -> 209 parameters for 8 heads x 3 levels).
+    Per layer: ``thing_class_embed`` Linear(C, num_thing_classes), ``stuff_class_embed`` Linear(C, 1)
+    (class-fixed: each stuff query scores only its own class), ``mask_heads`` AttentionMaskHead; class
+    biases use the focal-loss prior -log((1-0.01)/0.01).
+    """
+
+    def __init__(
+        self,
+        num_thing_classes: int,
+        d_model: int = 256,
+        num_layers: int = 6,
+        n_heads: int = 8,
+        n_levels: int = 3,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        self_attn: bool = False,
+        mask_hidden: int = 8,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.d_model = d_model
+        self.num_layers = num_layers
+        self.n_heads = n_heads
+        self.n_levels = n_levels
+        layer = MaskDecoderLayer(d_model, n_heads, d_ffn, dropout, self_attn)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.thing_class_embed = nn.ModuleList(
+            nn.Linear(d_model, num_thing_classes) for _ in range(num_layers)
+        )
+        self.stuff_class_embed = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(num_layers))
+        self.mask_heads = nn.ModuleList(
+            AttentionMaskHead(n_heads, n_levels, mask_hidden) for _ in range(num_layers)
+        )
+        bias = focal_prior_bias(0.01)
+        for fc in list(self.thing_class_embed) + list(self.stuff_class_embed):
+            nn.init.constant_(fc.bias, bias)
+
+    def forward(
+        self,
+        queries: Tensor,
+        query_pos: Optional[Tensor],
+        num_thing_queries: int,
+        memory: Tensor,
+        memory_pos: Optional[Tensor],
+        padding_mask: Optional[Tensor],
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        num_layers: Optional[int] = None,
+        return_attention: bool = False,
+    ) -> List[Dict[str, Tensor]]:
+        """
+        Args:
+            queries: (N, Q, C), the first ``num_thing_queries`` are thing queries, the rest stuff queries
+                (stuff query i belongs to stuff class i).
+            query_pos: (N, Q, C) or None.
+            memory: (N, S, C) encoder tokens F; memory_pos: (N, S, C) or None.
+            padding_mask: (N, S) bool, True = padding, or None.
+            spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,).
+            num_layers: run only the first ``num_layers`` layers (Table 10); default all.
+            return_attention: also return each layer's attention maps.
+        Returns:
+            list over the layers run of dicts with
+            "thing_logits": (N, Q_th, num_thing_classes); "stuff_logits": (N, Q_st) ((N, 0) if none);
+            "pred_masks": (N, Q, H_1, W_1) mask logits at 1/8 of the padded batch;
+            "attention": (N, h, Q, S) pre-softmax attention maps, only if return_attention.
+        """
+        shapes = check_multiscale_inputs(
+            memory, spatial_shapes, level_start_index, padding_mask, self.d_model, self.n_levels
+        )
+        if queries.dim() != 3 or queries.shape[0] != memory.shape[0] or queries.shape[-1] != self.d_model:
+            raise ValueError(
+                f"queries must be (N={memory.shape[0]}, Q, {self.d_model}), got {tuple(queries.shape)}"
+            )
+        if query_pos is not None and query_pos.shape != queries.shape:
+            raise ValueError(
+                f"query_pos must match queries {tuple(queries.shape)}, got {tuple(query_pos.shape)}"
+            )
+        if memory_pos is not None and memory_pos.shape != memory.shape:
+            raise ValueError(
+                f"memory_pos must match memory {tuple(memory.shape)}, got {tuple(memory_pos.shape)}"
+            )
+        num_q = queries.shape[1]
+        if not 0 <= num_thing_queries <= num_q:
+            raise ValueError(f"num_thing_queries must be in [0, Q={num_q}], got {num_thing_queries}")
+        if num_layers is None:
+            num_layers = self.num_layers
+        if not 0 <= num_layers <= self.num_layers:
+            raise ValueError(f"num_layers must be in [0, {self.num_layers}], got {num_layers}")
+
+        outputs: List[Dict[str, Tensor]] = []
+        tgt = queries
+        for lid in range(num_layers):
+            tgt, attn = self.layers[lid](tgt, query_pos, memory, memory_pos, padding_mask)
+            out = {
+                "thing_logits": self.thing_class_embed[lid](tgt[:, :num_thing_queries]),
+                "stuff_logits": self.stuff_class_embed[lid](tgt[:, num_thing_queries:]).squeeze(-1),
+                "pred_masks": self.mask_heads[lid](attn, shapes, level_start_index, padding_mask),
+            }
+            if return_attention:
+                out["attention"] = attn
+            outputs.append(out)
+        return outputs

@@ -1,0 +1,271 @@
+"""Multi-scale deformable attention (Deformable DETR [12]), used by the transformer encoder
+(paper Sec. 3.2) and the location decoder (Sec. 3.3.2) of Panoptic SegFormer.
+
+For a query ``q`` with reference point ``p_q`` (normalized to ``[0, 1]``), head ``m``, level ``l`` and
+sampling point ``k``, multi-scale deformable attention computes ([12], Eq. 3)::
+
+    MSDeformAttn(z_q, p_q, {x^l}) = sum_m W_m [ sum_l sum_k A_mlqk * W'_m x^l(phi_l(p_q) + Δp_mlqk) ]
+
+where ``x^l(.)`` is bilinear sampling of level ``l`` and the attention weights ``A_mlqk`` are normalized
+(softmax) over all ``L * K`` points of a head.
+
+``ms_deform_attn_core`` is the single pure-PyTorch implementation of the sampling + weighted sum
+(everything inside the brackets except ``W'_m``); ``MSDeformAttn`` is the full module with its
+projections. An accelerated kernel (e.g. Triton) can be added beside the core with the same signature.
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ms_deform_attn_core", "MSDeformAttn"]
+
+
+def _level_sizes(spatial_shapes: Tensor, arg_name: str = "spatial_shapes") -> List[List[int]]:
+    """Validate ``spatial_shapes`` (L, 2) integer (H, W) and return it as a Python list."""
+    if not isinstance(spatial_shapes, Tensor):
+        spatial_shapes = torch.as_tensor(spatial_shapes)
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(
+            f"{arg_name} must have shape (L, 2) holding (H, W) per level, got {tuple(spatial_shapes.shape)}"
+        )
+    if spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
+        raise ValueError(f"{arg_name} must be an integer tensor, got dtype {spatial_shapes.dtype}")
+    sizes = spatial_shapes.tolist()
+    if any(h <= 0 or w <= 0 for h, w in sizes):
+        raise ValueError(f"{arg_name} must hold positive (H, W) sizes, got {sizes}")
+    return sizes
+
+
+def ms_deform_attn_core(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Sample every level bilinearly at the given locations and sum with attention weights ([12], Eq. 3).
+
+    Pure PyTorch (one ``F.grid_sample`` per level), differentiable w.r.t. ``value``,
+    ``sampling_locations`` and ``attention_weights``; runs on any device and float dtype
+    (``sampling_locations`` / ``attention_weights`` are cast to ``value.dtype``).
+
+    Sampling follows ``align_corners=False``: the centre of column ``j`` of a level of width ``W`` is at
+    ``x = (j + 0.5) / W`` (rows likewise); points falling (partly) outside a map read zeros there.
+
+    Args:
+        value: (N, S, M, D) per-head values of all levels flattened row-major and concatenated,
+            ``S = sum_l H_l * W_l``.
+        spatial_shapes: (L, 2) integer, (H_l, W_l) per level.
+        sampling_locations: (N, Q, M, L, P, 2) normalized (x, y) in [0, 1] (values outside allowed).
+        attention_weights: (N, Q, M, L, P).
+
+    Returns:
+        (N, Q, M * D), heads concatenated head-major (head ``m`` occupies channels ``m*D:(m+1)*D``).
+    """
+    if value.dim() != 4:
+        raise ValueError(f"value must have shape (N, S, M, D), got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise ValueError(f"value must be a floating point tensor, got dtype {value.dtype}")
+    sizes = _level_sizes(spatial_shapes)
+    N, S, M, D = value.shape
+    L = len(sizes)
+    if sum(h * w for h, w in sizes) != S:
+        raise ValueError(
+            f"value has S={S} tokens (shape {tuple(value.shape)}) but spatial_shapes {sizes} "
+            f"sum to {sum(h * w for h, w in sizes)}"
+        )
+    if (
+        sampling_locations.dim() != 6
+        or sampling_locations.shape[0] != N
+        or sampling_locations.shape[2] != M
+        or sampling_locations.shape[3] != L
+        or sampling_locations.shape[5] != 2
+    ):
+        raise ValueError(
+            f"sampling_locations must have shape (N, Q, M, L, P, 2) = ({N}, Q, {M}, {L}, P, 2), "
+            f"got {tuple(sampling_locations.shape)}"
+        )
+    Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
+    if tuple(attention_weights.shape) != (N, Q, M, L, P):
+        raise ValueError(
+            f"attention_weights must have shape (N, Q, M, L, P) = {(N, Q, M, L, P)}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    if not sampling_locations.is_floating_point() or not attention_weights.is_floating_point():
+        raise ValueError(
+            "sampling_locations and attention_weights must be floating point, got "
+            f"{sampling_locations.dtype} and {attention_weights.dtype}"
+        )
+    sampling_locations = sampling_locations.to(value.dtype)
+    attention_weights = attention_weights.to(value.dtype)
+
+    value_list = value.split([h * w for h, w in sizes], dim=1)
+    # grid_sample wants coordinates in [-1, 1]; with align_corners=False, -1/1 are the outer map edges.
+    sampling_grids = 2 * sampling_locations - 1
+    sampled_per_level = []
+    for lvl, (h, w) in enumerate(sizes):
+        # (N, H*W, M, D) -> (N*M, D, H, W)
+        value_l = value_list[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)
+        # (N, Q, M, P, 2) -> (N*M, Q, P, 2)
+        grid_l = sampling_grids[:, :, :, lvl].transpose(1, 2).reshape(N * M, Q, P, 2)
+        # (N*M, D, Q, P)
+        sampled_per_level.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # (N, Q, M, L, P) -> (N*M, 1, Q, L*P)
+    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Q, L * P)
+    # (N*M, D, Q, L*P) weighted sum -> (N*M, D, Q)
+    output = (torch.stack(sampled_per_level, dim=-2).flatten(-2) * weights).sum(-1)
+    return output.view(N, M * D, Q).transpose(1, 2).contiguous()
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module of Deformable DETR [12] (paper Sec. 3.2 / 3.3.2).
+
+    Each query predicts, from its own embedding, ``n_points`` sampling offsets and attention weights per
+    head and level around its reference point; values are projected, sampled with
+    :func:`ms_deform_attn_core` and projected back.
+
+    Args:
+        d_model: channels C of queries and values.
+        n_levels: number of feature levels L.
+        n_heads: number of attention heads M (must divide ``d_model``).
+        n_points: sampling points P per head and level.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if min(d_model, n_levels, n_heads, n_points) <= 0:
+            raise ValueError(
+                f"d_model, n_levels, n_heads, n_points must be positive, got "
+                f"{d_model}, {n_levels}, {n_heads}, {n_points}"
+            )
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Deformable DETR initialization: at start, head ``m`` samples point ``k`` (1-based) at
+        ``k`` times a unit direction of angle ``2*pi*m/M`` (scaled so its largest coordinate is 1, i.e. on
+        a square), in pixels of each level; attention is uniform over the points."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid_init = torch.stack([thetas.cos(), thetas.sin()], -1)  # (M, 2)
+        grid_init = grid_init / grid_init.abs().max(-1, keepdim=True)[0]
+        grid_init = grid_init.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        scale = torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        grid_init = grid_init * scale  # (M, L, P, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid_init.reshape(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        input_flatten: Tensor,
+        input_spatial_shapes: Tensor,
+        input_level_start_index: Tensor,
+        input_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: (N, Lq, C) query embeddings (positional embedding already added by the caller).
+            reference_points: (N, Lq, L, 2) normalized (x, y) per level, offsets are normalized by
+                (W_l, H_l) i.e. predicted in pixels; or (N, Lq, L, 4) boxes (cx, cy, w, h), offsets are
+                scaled by ``0.5 * (w, h) / P``.
+            input_flatten: (N, S, C) values of all levels flattened, ``S = sum_l H_l * W_l``.
+            input_spatial_shapes: (L, 2) int64 (H_l, W_l).
+            input_level_start_index: (L,) int64 start of each level in ``S`` (checked against
+                ``input_spatial_shapes``; unused by the pure-PyTorch core).
+            input_padding_mask: optional (N, S) bool, True at padding; those values are zeroed.
+
+        Returns:
+            (N, Lq, C)
+        """
+        if query.dim() != 3 or query.shape[-1] != self.d_model:
+            raise ValueError(f"query must have shape (N, Lq, {self.d_model}), got {tuple(query.shape)}")
+        N, Lq, _ = query.shape
+        if input_flatten.dim() != 3 or input_flatten.shape[0] != N or input_flatten.shape[-1] != self.d_model:
+            raise ValueError(
+                f"input_flatten must have shape ({N}, S, {self.d_model}), got {tuple(input_flatten.shape)}"
+            )
+        S = input_flatten.shape[1]
+        sizes = _level_sizes(input_spatial_shapes, "input_spatial_shapes")
+        if len(sizes) != self.n_levels:
+            raise ValueError(
+                f"input_spatial_shapes has {len(sizes)} levels, module was built with n_levels={self.n_levels}"
+            )
+        if sum(h * w for h, w in sizes) != S:
+            raise ValueError(
+                f"input_flatten has S={S} tokens but input_spatial_shapes {sizes} sum to "
+                f"{sum(h * w for h, w in sizes)}"
+            )
+        starts = [0]
+        for h, w in sizes[:-1]:
+            starts.append(starts[-1] + h * w)
+        if input_level_start_index.shape != (self.n_levels,) or input_level_start_index.tolist() != starts:
+            raise ValueError(
+                f"input_level_start_index must be the (L,) = ({self.n_levels},) level offsets {starts}, "
+                f"got {input_level_start_index.tolist()}"
+            )
+        if (
+            reference_points.dim() != 4
+            or tuple(reference_points.shape[:3]) != (N, Lq, self.n_levels)
+            or (reference_points.shape[-1] not in (2, 4))
+        ):
+            raise ValueError(
+                f"reference_points must have shape ({N}, {Lq}, {self.n_levels}, 2 or 4), "
+                f"got {tuple(reference_points.shape)}"
+            )
+        if input_padding_mask is not None and (
+            input_padding_mask.shape != (N, S) or input_padding_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"input_padding_mask must be a bool tensor of shape ({N}, {S}), got "
+                f"{input_padding_mask.dtype} {tuple(input_padding_mask.shape)}"
+            )
+
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(N, S, M, self.d_model // M)
+
+        sampling_offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        attention_weights = self.attention_weights(query).view(N, Lq, M, L * P)
+        attention_weights = attention_weights.softmax(-1).view(N, Lq, M, L, P)
+
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalize by (W_l, H_l)
+            shapes = input_spatial_shapes.to(device=query.device, dtype=sampling_offsets.dtype)
+            offset_normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1)  # (L, 2) as (W, H)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+            )
+        else:
+            # offsets relative to the reference box: half its size spread over P points
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        output = ms_deform_attn_core(value, input_spatial_shapes, sampling_locations, attention_weights)
+        return self.output_proj(output)

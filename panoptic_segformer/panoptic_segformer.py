@@ -1,0 +1,400 @@
+"""The Detectron2 meta-architecture ``PanopticSegFormer`` (paper Fig. 2).
+
+backbone (C3-C5) -> channel mapper (1x1 conv + GroupNorm to C) + sine positional encoding
+-> deformable transformer encoder (Sec. 3.2) -> tokens F
+thing queries -> location decoder (Sec. 3.3.2) --+
+stuff queries (one per stuff class) -------------+-> mask decoder (Sec. 3.3.3) -> classes + masks per layer
+training: matcher + criterion (Sec. 3.4) -> loss dict
+inference: post-processor from POSTPROCESSOR_REGISTRY (mask-wise merging, Sec. 3.5, by default)
+           -> {"panoptic_seg", "instances", "sem_seg"} at the original image size.
+
+Class ids: the model works with Detectron2's "standard" panoptic contiguous ids (over all categories
+of the dataset). ``thing_ids`` / ``stuff_ids`` (from the dataset metadata) give the contiguous id of
+each thing-classifier output and of each stuff query.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+from torchvision.ops import box_convert
+
+from .modeling.criterion import PanopticSegFormerCriterion
+from .modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSine
+from .modeling.location_decoder import LocationDecoder
+from .modeling.mask_decoder import MaskDecoder
+from .modeling.matcher import HungarianMatcher, select_thing_queries
+from .postprocessing import build_postprocessor
+from .utils import masks_to_boxes
+
+__all__ = ["PanopticSegFormer", "dataset_class_ids"]
+
+
+def dataset_class_ids(dataset_names):
+    """(thing_ids, stuff_ids): sorted contiguous ids of thing and stuff classes, read from the
+    metadata of `dataset_names` (which must agree)."""
+    result = None
+    for name in dataset_names:
+        meta = MetadataCatalog.get(name)
+        if not hasattr(meta, "thing_dataset_id_to_contiguous_id"):
+            raise ValueError(f"dataset {name!r}: metadata has no thing_dataset_id_to_contiguous_id "
+                             "(register it as a panoptic dataset)")
+        ids = (sorted(meta.thing_dataset_id_to_contiguous_id.values()),
+               sorted(getattr(meta, "stuff_dataset_id_to_contiguous_id", {}).values()))
+        if result is not None and ids != result:
+            raise ValueError(f"datasets {list(dataset_names)} have different class sets")
+        result = ids
+    if result is None:
+        raise ValueError("no dataset given: set DATASETS.TRAIN or DATASETS.TEST")
+    return result
+
+
+@META_ARCH_REGISTRY.register()
+class PanopticSegFormer(nn.Module):
+    """Panoptic SegFormer. Input: Detectron2's list of dicts with "image" (C, H, W) and optionally
+    "height"/"width", and in training "instances" (things) and "stuff" (per stuff class) from
+    :class:`PanopticSegFormerDatasetMapper`."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        in_features: List[str],
+        channel_mapper: nn.ModuleList,
+        position_encoding: nn.Module,
+        encoder: DeformableTransformerEncoder,
+        location_decoder: LocationDecoder,
+        mask_decoder: MaskDecoder,
+        stuff_query_embed: nn.Embedding,
+        criterion: nn.Module,
+        postprocessor,
+        thing_ids: List[int],
+        stuff_ids: List[int],
+        query_decoupling: bool,
+        query_filter: bool,
+        query_filter_rounds: int,
+        query_filter_num: int,
+        test_mask_decoder_layers: int,
+        test_num_thing_queries: int,
+        mask_threshold: float,
+        panoptic_on: bool,
+        instance_on: bool,
+        semantic_on: bool,
+        detections_per_image: int,
+        pixel_mean,
+        pixel_std,
+        size_divisibility: int,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.in_features = in_features
+        self.channel_mapper = channel_mapper
+        self.position_encoding = position_encoding
+        self.encoder = encoder
+        self.location_decoder = location_decoder
+        self.mask_decoder = mask_decoder
+        self.stuff_query_embed = stuff_query_embed
+        self.criterion = criterion
+        self.postprocessor = postprocessor
+        self.thing_ids = list(thing_ids)
+        self.stuff_ids = list(stuff_ids)
+        self.num_classes = len(self.thing_ids) + len(self.stuff_ids)
+        self.query_decoupling = query_decoupling
+        self.query_filter = query_filter
+        self.query_filter_rounds = query_filter_rounds
+        self.query_filter_num = query_filter_num
+        self.test_mask_decoder_layers = test_mask_decoder_layers
+        self.test_num_thing_queries = test_num_thing_queries
+        self.mask_threshold = mask_threshold
+        self.panoptic_on = panoptic_on
+        self.instance_on = instance_on
+        self.semantic_on = semantic_on
+        self.detections_per_image = detections_per_image
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # Contiguous id -> classifier index (decoupled: thing FC index / stuff query index).
+        self.register_buffer("_thing_ids", torch.tensor(self.thing_ids, dtype=torch.long), False)
+        self.register_buffer("_stuff_ids", torch.tensor(self.stuff_ids, dtype=torch.long), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        psf = cfg.MODEL.PANOPTIC_SEGFORMER
+        names = cfg.DATASETS.TRAIN or cfg.DATASETS.TEST
+        thing_ids, stuff_ids = dataset_class_ids(names)
+        if (len(thing_ids), len(stuff_ids)) != (psf.NUM_THING_CLASSES, psf.NUM_STUFF_CLASSES):
+            raise ValueError(
+                f"MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES/NUM_STUFF_CLASSES = "
+                f"{psf.NUM_THING_CLASSES}/{psf.NUM_STUFF_CLASSES}, but dataset {names[0]!r} has "
+                f"{len(thing_ids)} thing and {len(stuff_ids)} stuff classes"
+            )
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        for f in psf.IN_FEATURES:
+            if f not in shapes:
+                raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.IN_FEATURES: backbone has no output {f!r} "
+                                 f"(it has {sorted(shapes)})")
+        d = psf.HIDDEN_DIM
+        n_levels = len(psf.IN_FEATURES)
+        # Channel mapper (Sec. 3.1): 1x1 conv to d channels + GroupNorm, as Deformable DETR's input_proj.
+        channel_mapper = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(shapes[f].channels, d, kernel_size=1), nn.GroupNorm(32, d))
+            for f in psf.IN_FEATURES
+        )
+        for proj in channel_mapper:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0)
+        decoupled = psf.QUERY_DECOUPLING
+        num_stuff = len(stuff_ids)
+        # Joint matching (Table 8): one query set of N_th + N_st queries classified over all classes.
+        num_loc_classes = len(thing_ids) if decoupled else len(thing_ids) + num_stuff
+        num_loc_queries = psf.NUM_THING_QUERIES if decoupled else psf.NUM_THING_QUERIES + num_stuff
+        encoder = DeformableTransformerEncoder(
+            d_model=d, num_layers=psf.ENC_LAYERS, n_heads=psf.NHEADS, n_levels=n_levels,
+            n_points=psf.ENC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT)
+        location_decoder = LocationDecoder(
+            num_loc_classes, d_model=d, num_layers=psf.LOCATION_DECODER_LAYERS,
+            num_queries=num_loc_queries, n_heads=psf.NHEADS, n_levels=n_levels,
+            n_points=psf.DEC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
+            box_free=psf.BOX_FREE)
+        mask_decoder = MaskDecoder(
+            num_loc_classes, d_model=d, num_layers=psf.MASK_DECODER_LAYERS, n_heads=psf.NHEADS,
+            n_levels=n_levels, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
+            self_attn=psf.MASK_DECODER_SELF_ATTN)
+        matcher = HungarianMatcher(
+            cost_class=psf.MATCHER.COST_CLASS, cost_bbox=psf.MATCHER.COST_BBOX,
+            cost_giou=psf.MATCHER.COST_GIOU, cost_mask=psf.MATCHER.COST_MASK,
+            focal_alpha=psf.FOCAL_ALPHA, focal_gamma=psf.FOCAL_GAMMA, box_free=psf.BOX_FREE)
+        criterion = PanopticSegFormerCriterion(
+            num_loc_classes, num_stuff if decoupled else 0, matcher,
+            loss_weight_cls=psf.CLASS_WEIGHT, loss_weight_seg=psf.MASK_WEIGHT,
+            loss_weight_det=psf.DET_WEIGHT, det_weight_class=psf.DET_CLASS_WEIGHT,
+            det_weight_bbox=psf.DET_BBOX_WEIGHT, det_weight_giou=psf.DET_GIOU_WEIGHT,
+            focal_alpha=psf.FOCAL_ALPHA, focal_gamma=psf.FOCAL_GAMMA,
+            deep_supervision=psf.DEEP_SUPERVISION, box_free=psf.BOX_FREE,
+            dynamic_things_stuff_weight=psf.DYNAMIC_THINGS_STUFF_WEIGHT)
+        t = psf.TEST
+        postprocessor = build_postprocessor(
+            t.POSTPROCESSOR,
+            **({"alpha": t.ALPHA, "beta": t.BETA, "mask_threshold": t.MASK_THRESHOLD,
+                "conf_threshold": (t.CONF_THRESHOLD_THING, t.CONF_THRESHOLD_STUFF),
+                "keep_threshold": (t.KEEP_THRESHOLD_THING, t.KEEP_THRESHOLD_STUFF)}
+               if t.POSTPROCESSOR == "mask_wise" else {}))
+        if not 0 <= t.NUM_MASK_DECODER_LAYERS <= psf.MASK_DECODER_LAYERS:
+            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS must be in "
+                             f"[0, {psf.MASK_DECODER_LAYERS}], got {t.NUM_MASK_DECODER_LAYERS}")
+        return {
+            "backbone": backbone,
+            "in_features": list(psf.IN_FEATURES),
+            "channel_mapper": channel_mapper,
+            "position_encoding": PositionEmbeddingSine(d // 2, normalize=True),
+            "encoder": encoder,
+            "location_decoder": location_decoder,
+            "mask_decoder": mask_decoder,
+            "stuff_query_embed": nn.Embedding(num_stuff, 2 * d) if decoupled else None,
+            "criterion": criterion,
+            "postprocessor": postprocessor,
+            "thing_ids": thing_ids,
+            "stuff_ids": stuff_ids,
+            "query_decoupling": decoupled,
+            "query_filter": psf.QUERY_FILTER.ENABLED and psf.LOCATION_DECODER_LAYERS > 0,
+            "query_filter_rounds": psf.QUERY_FILTER.NUM_ROUNDS,
+            "query_filter_num": psf.QUERY_FILTER.NUM_QUERIES,
+            "test_mask_decoder_layers": t.NUM_MASK_DECODER_LAYERS or psf.MASK_DECODER_LAYERS,
+            "test_num_thing_queries": t.NUM_THING_QUERIES,
+            "mask_threshold": t.MASK_THRESHOLD,
+            "panoptic_on": t.PANOPTIC_ON,
+            "instance_on": t.INSTANCE_ON,
+            "semantic_on": t.SEMANTIC_ON,
+            "detections_per_image": t.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------------------------------
+    def preprocess_image(self, batched_inputs) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def _multi_scale_inputs(self, images: ImageList):
+        """Backbone + channel mapper + padding masks + positional encodings for each level."""
+        features = self.backbone(images.tensor)
+        n, _, hp, wp = images.tensor.shape
+        pad = torch.ones((n, hp, wp), dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            pad[i, :h, :w] = False
+        srcs, masks, pos = [], [], []
+        for f, proj in zip(self.in_features, self.channel_mapper):
+            src = proj(features[f])
+            mask = F.interpolate(pad[None].float(), size=src.shape[-2:])[0].bool()
+            srcs.append(src)
+            masks.append(mask)
+            pos.append(self.position_encoding(mask).to(src.dtype))
+        return srcs, masks, pos
+
+    def forward_outputs(self, images: ImageList, targets=None, num_mask_layers=None,
+                        return_attention=False) -> Dict:
+        """Run the network. Returns a dict with "location" (pred_logits / pred_boxes per location
+        layer), "thing_query_index" (N, Q_th), "mask" (per mask-decoder layer: thing_logits,
+        stuff_logits, pred_masks[, attention]) -- the inputs of the criterion."""
+        srcs, masks, pos = self._multi_scale_inputs(images)
+        enc = self.encoder(srcs, masks, pos)
+        loc = self.location_decoder(
+            enc.memory, enc.spatial_shapes, enc.level_start_index, enc.valid_ratios, enc.padding_mask)
+        queries, query_pos = loc["queries"], loc["query_pos"]
+        n, q_all = queries.shape[:2]
+        index = None
+        if self.query_decoupling:
+            if self.training and self.query_filter and targets is not None:
+                # Query filtering (Appendix B.2): multi-round matching on the location decoder.
+                index = select_thing_queries(
+                    loc["pred_logits"][-1], loc["pred_boxes"][-1], targets,
+                    self.query_filter_rounds, min(self.query_filter_num, q_all))
+            elif not self.training and 0 < self.test_num_thing_queries < q_all and loc["pred_logits"]:
+                scores = loc["pred_logits"][-1].sigmoid().amax(-1)
+                index = scores.topk(self.test_num_thing_queries, dim=1).indices.sort(dim=1).values
+        if index is None:
+            index = torch.arange(q_all, device=queries.device).expand(n, q_all)
+        else:
+            gather = index[..., None].expand(-1, -1, queries.shape[-1])
+            queries, query_pos = queries.gather(1, gather), query_pos.gather(1, gather)
+        num_thing_queries = queries.shape[1]
+        if self.stuff_query_embed is not None:
+            stuff_pos, stuff_tgt = self.stuff_query_embed.weight.split(queries.shape[-1], dim=1)
+            queries = torch.cat([queries, stuff_tgt[None].expand(n, -1, -1)], dim=1)
+            query_pos = torch.cat([query_pos, stuff_pos[None].expand(n, -1, -1)], dim=1)
+        layers = self.mask_decoder(
+            queries, query_pos, num_thing_queries, enc.memory, enc.pos, enc.padding_mask,
+            enc.spatial_shapes, enc.level_start_index, num_layers=num_mask_layers,
+            return_attention=return_attention)
+        return {
+            "location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
+            "thing_query_index": index,
+            "mask": layers,
+        }
+
+    def prepare_targets(self, batched_inputs, images: ImageList):
+        """Criterion targets from the mapper's "instances" (things) and "stuff" (per class)."""
+        hp, wp = images.tensor.shape[-2:]
+        thing_index = {c: i for i, c in enumerate(self.thing_ids)}
+        stuff_index = {c: i for i, c in enumerate(self.stuff_ids)}
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            things = x["instances"].to(self.device)
+            stuff = x["stuff"].to(self.device)
+
+            def padded(bitmasks):
+                m = bitmasks.tensor
+                out = torch.zeros((m.shape[0], hp, wp), dtype=torch.bool, device=self.device)
+                out[:, : m.shape[1], : m.shape[2]] = m
+                return out
+
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            thing_boxes = box_convert(things.gt_boxes.tensor, "xyxy", "cxcywh") / scale
+            thing_masks = padded(things.gt_masks)
+            stuff_masks = padded(stuff.gt_masks)
+            if self.query_decoupling:
+                labels = torch.tensor([thing_index[int(c)] for c in things.gt_classes],
+                                      dtype=torch.long, device=self.device)
+                stuff_labels = torch.tensor([stuff_index[int(c)] for c in stuff.gt_classes],
+                                            dtype=torch.long, device=self.device)
+                targets.append({"labels": labels, "boxes": thing_boxes, "masks": thing_masks,
+                                "stuff_labels": stuff_labels, "stuff_masks": stuff_masks,
+                                "image_size": (h, w)})
+            else:  # joint matching: stuff segments are matched like things, over all classes
+                stuff_boxes = box_convert(masks_to_boxes(stuff.gt_masks.tensor),
+                                          "xyxy", "cxcywh") / scale
+                targets.append({
+                    "labels": torch.cat([things.gt_classes, stuff.gt_classes]).long(),
+                    "boxes": torch.cat([thing_boxes, stuff_boxes]),
+                    "masks": torch.cat([thing_masks, stuff_masks]),
+                    "stuff_labels": torch.zeros(0, dtype=torch.long, device=self.device),
+                    "stuff_masks": stuff_masks[:0],
+                    "image_size": (h, w),
+                })
+        return targets
+
+    def forward(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        if self.training:
+            for x in batched_inputs:
+                if "instances" not in x or "stuff" not in x:
+                    raise ValueError("training inputs need 'instances' and 'stuff' "
+                                     "(use PanopticSegFormerDatasetMapper)")
+            targets = self.prepare_targets(batched_inputs, images)
+            outputs = self.forward_outputs(images, targets)
+            return self.criterion(outputs, targets)
+        outputs = self.forward_outputs(images, num_mask_layers=self.test_mask_decoder_layers)
+        return self.inference(outputs, batched_inputs, images)
+
+    # ------------------------------------------------------------------------------------------
+    def per_query_predictions(self, layer: Dict, i: int):
+        """Unified per-query predictions of image i (things and stuff in one format, Sec. 3.3.1):
+        class_distribution (Q, K_all) over contiguous ids, class_probs (Q,), labels (Q,) contiguous,
+        is_thing (Q,) bool, mask_logits (Q, h, w) at 1/8 of the padded input."""
+        thing_probs = layer["thing_logits"][i].sigmoid()
+        q_th = thing_probs.shape[0]
+        dist = thing_probs.new_zeros((q_th, self.num_classes))
+        if self.query_decoupling:
+            dist[:, self._thing_ids] = thing_probs
+            stuff_probs = layer["stuff_logits"][i].sigmoid()
+            stuff_dist = stuff_probs.new_zeros((stuff_probs.shape[0], self.num_classes))
+            stuff_dist[torch.arange(stuff_probs.shape[0], device=self.device), self._stuff_ids] = stuff_probs
+            dist = torch.cat([dist, stuff_dist])
+        else:
+            dist = thing_probs
+        class_probs, labels = dist.max(-1)
+        is_thing = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+        is_thing[self._thing_ids] = True
+        return dist, class_probs, labels, is_thing[labels], layer["pred_masks"][i]
+
+    def inference(self, outputs, batched_inputs, images: ImageList):
+        last = outputs["mask"][-1]
+        hp, wp = images.tensor.shape[-2:]
+        results = []
+        for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
+            dist, class_probs, labels, is_thing, mask_logits = self.per_query_predictions(last, i)
+            mask_logits = F.interpolate(mask_logits[None], size=(hp, wp), mode="bilinear",
+                                        align_corners=False)[0]
+            mask_logits = sem_seg_postprocess(mask_logits, image_size, height, width)
+            mask_probs = mask_logits.sigmoid()
+            result = {}
+            if self.panoptic_on:
+                result["panoptic_seg"] = self.postprocessor(
+                    mask_probs, class_probs, labels, is_thing, mask_logits=mask_logits,
+                    class_distribution=dist)
+            if self.instance_on:
+                result["instances"] = self.instance_inference(
+                    mask_probs, class_probs, labels, is_thing, (height, width))
+            if self.semantic_on:
+                result["sem_seg"] = torch.einsum("qc,qhw->chw", dist, mask_probs)
+            results.append(result)
+        return results
+
+    def instance_inference(self, mask_probs, class_probs, labels, is_thing, image_size):
+        """Top-`detections_per_image` thing results (stuff dropped, Table 4); score = class
+        probability x mean mask probability inside the binary mask."""
+        keep = is_thing.nonzero().squeeze(1)
+        binary = mask_probs[keep] > self.mask_threshold
+        area = binary.flatten(1).sum(1)
+        mask_score = (mask_probs[keep] * binary).flatten(1).sum(1) / area.clamp(min=1)
+        scores = class_probs[keep] * mask_score
+        top = scores.topk(min(self.detections_per_image, scores.numel())).indices
+        instances = Instances(image_size)
+        instances.pred_masks = binary[top]
+        instances.pred_boxes = Boxes(masks_to_boxes(binary[top]))
+        instances.scores = scores[top]
+        instances.pred_classes = labels[keep][top]
+        return instances

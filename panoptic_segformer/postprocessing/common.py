@@ -1,0 +1,392 @@
+"""Pieces shared by every panoptic post-processor (paper Sec. 3.5 and Appendix B.1).
+
+Every post-processor here takes the per-query predictions of ONE image and returns Detectron2's
+panoptic format. Things and stuff share one output format after the mask decoder (Sec. 3.3.1), so
+the inputs carry no notion of "thing query" or "stuff query": a query is described only by its
+mask, its most likely class, that class's probability and whether that class is a thing class.
+
+The common call signature (:class:`PanopticPostProcessor.__call__`)::
+
+    panoptic_seg, segments_info = postprocessor(
+        mask_probs,               # (N, H, W) float in [0, 1]: sigmoid of the mask logits, at output size
+        class_probs,              # (N,) float in [0, 1]: probability p_i of the most likely class
+        labels,                   # (N,) integer >= 0: that class, as a contiguous id
+        is_thing,                 # (N,) bool: whether that class is a thing class
+        mask_logits=None,         # (N, H, W) float, optional: the logits behind mask_probs
+        class_distribution=None,  # (N, K) float, optional: the full per-query class distribution
+    )
+    # panoptic_seg: (H, W) int32 on the input's device, 0 = void, 1..S = segment ids
+    # segments_info: [{"id": int, "category_id": int, "isthing": bool, "score": float}, ...]
+
+The caller turns raw classifier outputs into ``class_probs``/``labels`` (softmax without the
+"no object" column, or sigmoid for focal-loss heads) and resizes masks to the output size first.
+Methods that do not need ``mask_logits`` or ``class_distribution`` accept and ignore them, so one
+call site can run any registered method.
+
+Shared helpers defined here and used by every method:
+
+* :func:`check_inputs` -- shapes, dtypes and value ranges, with one host sync.
+* :func:`binary_mask_stats` -- area, probability sum and box of each binary mask, vectorized.
+* :func:`greedy_fill` -- the priority-ordered "claim the unassigned pixels" loop shared by
+  mask-wise merging (Algorithm 1) and the thing pass of the heuristic procedure.
+* :func:`merge_stuff_of_same_class` -- the one rule that stuff predictions of a class form one
+  segment.
+* :func:`paint_segments` -- turns a per-pixel owner map into ``(panoptic_seg, segments_info)``.
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "PanopticPostProcessor",
+    "SegmentsInfo",
+    "as_thing_stuff_pair",
+    "binary_mask_stats",
+    "check_inputs",
+    "check_unit_interval",
+    "greedy_fill",
+    "merge_stuff_of_same_class",
+    "paint_segments",
+]
+
+SegmentsInfo = List[Dict[str, Union[int, bool, float]]]
+ThresholdArg = Union[float, Tuple[float, float]]
+
+# Masks are reduced in chunks of about this many elements to bound temporary memory.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def check_unit_interval(value: float, name: str, *, low_open: bool = False, high_open: bool = False) -> float:
+    """Return ``float(value)`` after checking it lies in [0, 1] (ends optionally open)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    too_low = value <= 0.0 if low_open else value < 0.0
+    too_high = value >= 1.0 if high_open else value > 1.0
+    if too_low or too_high or value != value:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must lie in {lo}0, 1{hi}, got {value}")
+    return value
+
+
+def as_thing_stuff_pair(value: ThresholdArg, name: str) -> Tuple[float, float]:
+    """Normalize a threshold given as one float or a ``(thing, stuff)`` pair to a pair in [0, 1].
+
+    The official Panoptic SegFormer code uses separate thresholds for thing and stuff
+    predictions; a single float applies to both.
+    """
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a float or a (thing, stuff) pair, got {value!r}")
+        return (check_unit_interval(value[0], f"{name}[0] (thing)"),
+                check_unit_interval(value[1], f"{name}[1] (stuff)"))
+    value = check_unit_interval(value, name)
+    return (value, value)
+
+
+def check_inputs(
+    mask_probs: torch.Tensor,
+    class_probs: torch.Tensor,
+    labels: torch.Tensor,
+    is_thing: torch.Tensor,
+    mask_logits: Optional[torch.Tensor] = None,
+    class_distribution: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the common post-processor inputs; return them with ``labels`` as int64.
+
+    Args:
+        mask_probs: (N, H, W) floating, values in [0, 1].
+        class_probs: (N,) floating, values in [0, 1].
+        labels: (N,) integer (not bool), values >= 0.
+        is_thing: (N,) bool.
+        mask_logits: optional (N, H, W) floating.
+        class_distribution: optional (N, K) floating.
+
+    All tensors must be on ``mask_probs``'s device. Value ranges are checked with a single
+    host sync. Raises ValueError naming the offending argument and its shape/dtype.
+    """
+    if not isinstance(mask_probs, torch.Tensor) or mask_probs.dim() != 3:
+        shape = tuple(mask_probs.shape) if isinstance(mask_probs, torch.Tensor) else type(mask_probs).__name__
+        raise ValueError(f"mask_probs must be a (N, H, W) tensor, got {shape}")
+    if not mask_probs.is_floating_point():
+        raise ValueError(f"mask_probs must be floating point, got dtype {mask_probs.dtype}")
+    n = mask_probs.shape[0]
+    device = mask_probs.device
+
+    def _vector(t, name):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor of shape ({n},), got {type(t).__name__}")
+        if t.shape != (n,):
+            raise ValueError(
+                f"{name} must have shape (N,) = ({n},) to match mask_probs {tuple(mask_probs.shape)}, "
+                f"got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but mask_probs is on {device}")
+
+    _vector(class_probs, "class_probs")
+    _vector(labels, "labels")
+    _vector(is_thing, "is_thing")
+    if not class_probs.is_floating_point():
+        raise ValueError(f"class_probs must be floating point, got dtype {class_probs.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor (int64), got dtype {labels.dtype}")
+    if is_thing.dtype != torch.bool:
+        raise ValueError(f"is_thing must be a bool tensor, got dtype {is_thing.dtype}")
+    if mask_logits is not None:
+        if not isinstance(mask_logits, torch.Tensor) or mask_logits.shape != mask_probs.shape:
+            shape = tuple(mask_logits.shape) if isinstance(mask_logits, torch.Tensor) else type(mask_logits).__name__
+            raise ValueError(
+                f"mask_logits must have the shape of mask_probs {tuple(mask_probs.shape)}, got {shape}")
+        if not mask_logits.is_floating_point() or mask_logits.device != device:
+            raise ValueError(
+                f"mask_logits must be floating point on {device}, got {mask_logits.dtype} on {mask_logits.device}")
+    if class_distribution is not None:
+        if (not isinstance(class_distribution, torch.Tensor) or class_distribution.dim() != 2
+                or class_distribution.shape[0] != n):
+            shape = (tuple(class_distribution.shape) if isinstance(class_distribution, torch.Tensor)
+                     else type(class_distribution).__name__)
+            raise ValueError(f"class_distribution must have shape (N, K) with N = {n}, got {shape}")
+        if not class_distribution.is_floating_point() or class_distribution.device != device:
+            raise ValueError(
+                f"class_distribution must be floating point on {device}, "
+                f"got {class_distribution.dtype} on {class_distribution.device}")
+
+    labels = labels.long()
+    if n > 0:
+        # NaN fails every comparison below, so it is reported as out of range.
+        m_min, m_max = torch.aminmax(mask_probs)
+        stats = torch.stack([
+            m_min.double(), m_max.double(),
+            class_probs.min().double(), class_probs.max().double(),
+            labels.min().double(),
+        ]).tolist()
+        if not (stats[0] >= 0.0 and stats[1] <= 1.0):
+            raise ValueError(
+                f"mask_probs must be probabilities in [0, 1] (apply sigmoid to logits), got values in "
+                f"[{stats[0]}, {stats[1]}]")
+        if not (stats[2] >= 0.0 and stats[3] <= 1.0):
+            raise ValueError(f"class_probs must lie in [0, 1], got values in [{stats[2]}, {stats[3]}]")
+        if stats[4] < 0:
+            raise ValueError(f"labels must be contiguous ids >= 0, got minimum {int(stats[4])}")
+    return mask_probs, class_probs, labels, is_thing
+
+
+def binary_mask_stats(
+    mask_probs: torch.Tensor, mask_threshold: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Area, probability sum and bounding box of every binary mask ``m_i > mask_threshold``.
+
+    Vectorized over masks (chunked to bound memory); no host sync.
+
+    Args:
+        mask_probs: (N, H, W) mask probabilities.
+        mask_threshold: binarization threshold (strict ``>``).
+
+    Returns:
+        areas: (N,) int64, ``|1{m_i > t}|``.
+        prob_sums: (N,) float64, ``sum(1{m_i > t} * m_i)``; the numerator of Eq. (6)'s average.
+        boxes: (N, 4) int64 ``(y0, y1, x0, x1)`` half-open rows/columns holding the binary mask
+            (all zeros for an empty mask).
+    """
+    n, h, w = mask_probs.shape
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, h * w))
+    areas, sums, boxes = [], [], []
+    for chunk in mask_probs.split(per_chunk):
+        binary = chunk > mask_threshold
+        areas.append(binary.sum(dim=(1, 2)))
+        sums.append(torch.where(binary, chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
+                    .sum(dim=(1, 2), dtype=torch.float64))
+        rows = binary.any(dim=2).to(torch.uint8)  # (n, H)
+        cols = binary.any(dim=1).to(torch.uint8)  # (n, W)
+        # argmax returns the first maximal index: first / last occupied row and column.
+        y0 = rows.argmax(dim=1)
+        y1 = h - rows.flip(1).argmax(dim=1)
+        x0 = cols.argmax(dim=1)
+        x1 = w - cols.flip(1).argmax(dim=1)
+        box = torch.stack([y0, y1, x0, x1], dim=1)
+        boxes.append(torch.where(rows.any(dim=1, keepdim=True).bool(), box, torch.zeros_like(box)))
+    if n == 0:
+        device = mask_probs.device
+        return (torch.zeros(0, dtype=torch.int64, device=device),
+                torch.zeros(0, dtype=torch.float64, device=device),
+                torch.zeros((0, 4), dtype=torch.int64, device=device))
+    return torch.cat(areas), torch.cat(sums), torch.cat(boxes)
+
+
+def greedy_fill(
+    mask_probs: torch.Tensor,
+    candidates: Sequence[int],
+    boxes: Sequence[Sequence[int]],
+    areas: Sequence[int],
+    keep_fractions: Sequence[float],
+    mask_threshold: float,
+    owner: torch.Tensor,
+    first_value: int = 1,
+) -> torch.Tensor:
+    """Let candidates claim unassigned pixels in priority order (Algorithm 1's loop).
+
+    For the k-th candidate ``q = candidates[k]``: ``kept = 1{m_q > mask_threshold} & (owner == 0)``;
+    it is rejected if ``kept`` is empty or ``|kept| / areas[k] < keep_fractions[k]``, otherwise its
+    kept pixels get ``owner = first_value + k``. Used by mask-wise merging (keep fraction t_keep)
+    and by the heuristic procedure (keep fraction 1 - overlap threshold).
+
+    The loop runs over masks only; each step works on the mask's bounding box and is vectorized,
+    and the accept decision stays on the device (no host sync inside the loop).
+
+    Args:
+        mask_probs: (N, H, W) mask probabilities.
+        candidates: M query indices in priority order; each must have a non-empty binary mask.
+        boxes: M ``(y0, y1, x0, x1)`` boxes of the binary masks (see :func:`binary_mask_stats`).
+        areas: M binary-mask areas (> 0).
+        keep_fractions: M keep thresholds in [0, 1].
+        mask_threshold: binarization threshold (strict ``>``).
+        owner: (H, W) integer tensor, modified in place; 0 marks an unassigned pixel.
+        first_value: owner value written for candidate 0.
+
+    Returns:
+        ``owner``.
+    """
+    free = owner == 0
+    for k, q in enumerate(candidates):
+        y0, y1, x0, x1 = boxes[k]
+        kept = (mask_probs[q, y0:y1, x0:x1] > mask_threshold) & free[y0:y1, x0:x1]
+        kept_area = kept.sum()
+        # Skip when |kept| / |binary| < t_keep (same float64 division as a host-side check).
+        accept = (kept_area > 0) & (kept_area.double() / areas[k] >= keep_fractions[k])
+        # Kept pixels are unassigned (owner 0, free True); a rejected candidate rewrites them
+        # with the same values, so no branch on `accept` (and no sync) is needed.
+        owner[y0:y1, x0:x1].masked_fill_(kept, accept.to(owner.dtype) * (first_value + k))
+        free[y0:y1, x0:x1].masked_fill_(kept, ~accept)
+    return owner
+
+
+def merge_stuff_of_same_class(labels: Sequence[int], is_thing: Sequence[bool]) -> List[int]:
+    """Group predictions into segments: each thing alone, all stuff of one class together.
+
+    Panoptic segmentation has one segment per stuff class (Kirillov et al.), so a stuff prediction
+    whose class already has a segment joins it. This is the single home of that rule for every
+    post-processor (DETR's "merge stuff of the same category", Mask2Former's stuff memory, the
+    join in mask-wise merging).
+
+    Args:
+        labels: M class ids, in priority order.
+        is_thing: M flags.
+
+    Returns:
+        M group indices, numbered 0, 1, ... in order of first appearance.
+    """
+    groups, stuff_group, count = [], {}, 0
+    for label, thing in zip(labels, is_thing):
+        if not thing and label in stuff_group:
+            groups.append(stuff_group[label])
+            continue
+        if not thing:
+            stuff_group[label] = count
+        groups.append(count)
+        count += 1
+    return groups
+
+
+def paint_segments(
+    owner: torch.Tensor,
+    candidates: Sequence[int],
+    labels: torch.Tensor,
+    is_thing: torch.Tensor,
+    scores: torch.Tensor,
+    min_stuff_area: int = 0,
+) -> Tuple[torch.Tensor, SegmentsInfo]:
+    """Turn a per-pixel owner map into Detectron2's ``(panoptic_seg, segments_info)``.
+
+    Candidates that own no pixel are dropped; the remaining ones are grouped with
+    :func:`merge_stuff_of_same_class` (in candidate order) and each group gets the next id
+    1, 2, ...; a group's ``score`` is its first member's. Stuff groups with fewer than
+    ``min_stuff_area`` pixels become void. One host sync.
+
+    Args:
+        owner: (H, W) integer tensor; 0 = void, ``k + 1`` = pixel of ``candidates[k]``.
+        candidates: M query indices in priority order.
+        labels: (N,) int64 class ids of all queries.
+        is_thing: (N,) bool of all queries.
+        scores: (N,) float score of all queries, reported as ``"score"``.
+        min_stuff_area: stuff segments smaller than this are removed (set to void).
+
+    Returns:
+        panoptic_seg: (H, W) int32 on ``owner``'s device.
+        segments_info: list of ``{"id", "category_id", "isthing", "score"}`` ordered by id.
+    """
+    device = owner.device
+    m = len(candidates)
+    if m == 0:
+        return torch.zeros(owner.shape, dtype=torch.int32, device=device), []
+    owner = owner.long()
+    index = torch.as_tensor(list(candidates), dtype=torch.long, device=device)
+    counts = torch.bincount(owner.flatten(), minlength=m + 1)[1:m + 1]
+    host = torch.stack([counts.double(), labels[index].double(), is_thing[index].double(),
+                        scores[index].double()]).tolist()
+    present = [k for k in range(m) if host[0][k] > 0]
+    present_labels = [int(host[1][k]) for k in present]
+    present_things = [bool(host[2][k]) for k in present]
+    groups = merge_stuff_of_same_class(present_labels, present_things)
+    group_area: Dict[int, float] = {}
+    for k, g in zip(present, groups):
+        group_area[g] = group_area.get(g, 0.0) + host[0][k]
+
+    lut = [0] * (m + 1)
+    group_id: Dict[int, int] = {}
+    segments_info: SegmentsInfo = []
+    for k, g, label, thing in zip(present, groups, present_labels, present_things):
+        if g not in group_id:
+            if not thing and group_area[g] < min_stuff_area:
+                group_id[g] = 0
+            else:
+                group_id[g] = len(segments_info) + 1
+                segments_info.append({"id": group_id[g], "category_id": label, "isthing": thing,
+                                      "score": float(host[3][k])})
+        lut[k + 1] = group_id[g]
+    lut_t = torch.tensor(lut, dtype=torch.int32, device=device)
+    return lut_t[owner], segments_info
+
+
+class PanopticPostProcessor:
+    """Base class: validates the common inputs, then calls :meth:`merge`.
+
+    Subclasses have plain constructors of their thresholds and implement :meth:`merge` with the
+    validated tensors. Anything callable with the common signature (module docstring) can be
+    registered; subclassing is a convenience.
+    """
+
+    def __call__(
+        self,
+        mask_probs: torch.Tensor,
+        class_probs: torch.Tensor,
+        labels: torch.Tensor,
+        is_thing: torch.Tensor,
+        mask_logits: Optional[torch.Tensor] = None,
+        class_distribution: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, SegmentsInfo]:
+        """See the module docstring for shapes; returns ``(panoptic_seg (H, W) int32, segments_info)``."""
+        with torch.no_grad():
+            mask_probs, class_probs, labels, is_thing = check_inputs(
+                mask_probs, class_probs, labels, is_thing, mask_logits, class_distribution)
+            h, w = mask_probs.shape[1:]
+            if mask_probs.shape[0] == 0:
+                return torch.zeros((h, w), dtype=torch.int32, device=mask_probs.device), []
+            return self.merge(mask_probs, class_probs, labels, is_thing, mask_logits, class_distribution)
+
+    def merge(
+        self,
+        mask_probs: torch.Tensor,
+        class_probs: torch.Tensor,
+        labels: torch.Tensor,
+        is_thing: torch.Tensor,
+        mask_logits: Optional[torch.Tensor],
+        class_distribution: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, SegmentsInfo]:
+        """Method body, called with validated inputs and N >= 1."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,255 @@
+"""Tests of multi-scale deformable attention (paper Sec. 3.2, Deformable DETR [12])."""
+
+import math
+
+import pytest
+import torch
+
+from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+
+SHAPES = [(5, 7), (3, 2), (1, 4)]  # ragged (H, W) per level
+
+
+def reference_core(value, spatial_shapes, sampling_locations, attention_weights):
+    """Explicit per-(n, q, m, l, p) bilinear interpolation, straight from the formula.
+
+    Column j's centre is at x = (j + 0.5) / W, so x_pix = x * W - 0.5; corners outside the map read 0.
+    """
+    N, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    out = torch.zeros(N, Q, M, D, dtype=value.dtype)
+    starts = [0]
+    for H, W in spatial_shapes.tolist():
+        starts.append(starts[-1] + H * W)
+    for n in range(N):
+        for q in range(Q):
+            for m in range(M):
+                for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+                    for p in range(P):
+                        x = sampling_locations[n, q, m, lvl, p, 0].item() * W - 0.5
+                        y = sampling_locations[n, q, m, lvl, p, 1].item() * H - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        fx, fy = x - x0, y - y0
+                        acc = torch.zeros(D, dtype=value.dtype)
+                        for cy, wy in ((y0, 1 - fy), (y0 + 1, fy)):
+                            for cx, wx in ((x0, 1 - fx), (x0 + 1, fx)):
+                                if 0 <= cx < W and 0 <= cy < H:
+                                    acc = acc + wx * wy * value[n, starts[lvl] + cy * W + cx, m]
+                        out[n, q, m] += attention_weights[n, q, m, lvl, p] * acc
+    return out.reshape(N, Q, M * D)
+
+
+def _spatial_shapes():
+    return torch.tensor(SHAPES, dtype=torch.long)
+
+
+def test_core_matches_explicit_bilinear_float64():
+    g = torch.Generator().manual_seed(0)
+    N, Q, M, D, L, P = 2, 3, 2, 3, len(SHAPES), 4
+    S = sum(h * w for h, w in SHAPES)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
+    loc = torch.rand(N, Q, M, L, P, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2  # some outside [0, 1]
+    # exact borders, exact pixel centres and far outside
+    loc[0, 0, 0, :, 0] = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    loc[0, 0, 0, :, 1] = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    loc[0, 0, 1, 0, 2] = torch.tensor([(3 + 0.5) / 7, (2 + 0.5) / 5], dtype=torch.float64)
+    loc[1, 1, 0, :, 3] = torch.tensor([-0.5, 1.7], dtype=torch.float64)
+    loc[1, 2, 1, 2, 0] = torch.tensor([1.0 + 0.1 / 4, 0.5], dtype=torch.float64)  # just past the right edge
+    weights = torch.rand(N, Q, M, L, P, generator=g, dtype=torch.float64)
+
+    out = ms_deform_attn_core(value, _spatial_shapes(), loc, weights)
+    ref = reference_core(value, _spatial_shapes(), loc, weights)
+    assert out.shape == (N, Q, M * D)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    # a point exactly on a pixel centre reads that pixel
+    one_hot = torch.zeros_like(weights)
+    one_hot[0, 0, 1, 0, 2] = 1.0
+    out1 = ms_deform_attn_core(value, _spatial_shapes(), loc, one_hot)
+    torch.testing.assert_close(out1[0, 0, D:], value[0, 2 * 7 + 3, 1], atol=1e-12, rtol=0)
+    # far outside reads zeros
+    one_hot.zero_()
+    one_hot[1, 1, 0, :, 3] = 1.0
+    assert ms_deform_attn_core(value, _spatial_shapes(), loc, one_hot)[1, 1].abs().max() == 0
+
+
+def _jittered_locations(g, N, Q, M, P):
+    """Locations whose pixel coordinates are at least 0.1 px away from integer (kink) positions."""
+    L = len(SHAPES)
+    loc = torch.empty(N, Q, M, L, P, 2, dtype=torch.float64)
+    for lvl, (H, W) in enumerate(SHAPES):
+        for axis, size in ((0, W), (1, H)):
+            base = torch.randint(-1, size, (N, Q, M, P), generator=g).double()
+            frac = 0.1 + 0.8 * torch.rand(N, Q, M, P, generator=g, dtype=torch.float64)
+            loc[:, :, :, lvl, :, axis] = (base + frac + 0.5) / size
+    return loc
+
+
+def test_core_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    N, Q, M, D, P = 1, 2, 2, 2, 2
+    S = sum(h * w for h, w in SHAPES)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64, requires_grad=True)
+    loc = _jittered_locations(g, N, Q, M, P).requires_grad_(True)
+    weights = torch.rand(N, Q, M, len(SHAPES), P, generator=g, dtype=torch.float64, requires_grad=True)
+    shapes = _spatial_shapes()
+    assert torch.autograd.gradcheck(
+        lambda v, s, a: ms_deform_attn_core(v, shapes, s, a), (value, loc, weights), eps=1e-6, atol=1e-7
+    )
+
+
+def test_core_dtypes_and_location_cast():
+    g = torch.Generator().manual_seed(2)
+    S = sum(h * w for h, w in SHAPES)
+    value = torch.randn(1, S, 2, 4, generator=g)
+    loc = torch.rand(1, 3, 2, 3, 2, 2, generator=g)
+    w = torch.rand(1, 3, 2, 3, 2, generator=g)
+    ref = ms_deform_attn_core(value.double(), _spatial_shapes(), loc.double(), w.double())
+    out32 = ms_deform_attn_core(value, _spatial_shapes(), loc, w)
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), ref, atol=1e-5, rtol=1e-5)
+    out_bf16 = ms_deform_attn_core(value.bfloat16(), _spatial_shapes(), loc, w)  # float32 locs cast
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.double(), ref, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "value_shape,shapes,loc_shape,w_shape,match",
+    [
+        ((1, 35 + 6 + 4, 2), SHAPES, (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 2), "value"),
+        ((1, 44, 2, 4), SHAPES, (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 2), "spatial_shapes"),
+        ((1, 45, 2, 4), [(5, 7, 1)], (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 2), "spatial_shapes"),
+        ((1, 45, 2, 4), SHAPES, (1, 3, 2, 2, 2, 2), (1, 3, 2, 3, 2), "sampling_locations"),
+        ((1, 45, 2, 4), SHAPES, (1, 3, 2, 3, 2, 3), (1, 3, 2, 3, 2), "sampling_locations"),
+        ((1, 45, 2, 4), SHAPES, (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 1), "attention_weights"),
+    ],
+)
+def test_core_shape_validation(value_shape, shapes, loc_shape, w_shape, match):
+    with pytest.raises(ValueError, match=match):
+        ms_deform_attn_core(
+            torch.zeros(value_shape), torch.tensor(shapes), torch.zeros(loc_shape), torch.zeros(w_shape)
+        )
+
+
+def test_core_rejects_float_spatial_shapes():
+    with pytest.raises(ValueError, match="integer"):
+        ms_deform_attn_core(
+            torch.zeros(1, 45, 2, 4),
+            torch.tensor(SHAPES).float(),
+            torch.zeros(1, 3, 2, 3, 2, 2),
+            torch.zeros(1, 3, 2, 3, 2),
+        )
+
+
+def _flat_inputs(g, N=2, C=16, Lq=5, ref_dim=2):
+    S = sum(h * w for h, w in SHAPES)
+    shapes = _spatial_shapes()
+    start = torch.tensor([0, 35, 41])
+    query = torch.randn(N, Lq, C, generator=g)
+    ref = torch.rand(N, Lq, len(SHAPES), ref_dim, generator=g)
+    if ref_dim == 4:
+        ref[..., 2:] = ref[..., 2:] * 0.5 + 0.1
+    x = torch.randn(N, S, C, generator=g)
+    return query, ref, x, shapes, start
+
+
+def _randomize(module, g):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def test_module_init_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        MSDeformAttn(d_model=30, n_heads=8)
+
+
+def test_init_offsets_on_circle_of_directions():
+    M, L, P = 8, 3, 4
+    attn = MSDeformAttn(d_model=32, n_levels=L, n_heads=M, n_points=P)
+    assert attn.sampling_offsets.weight.abs().max() == 0
+    assert attn.attention_weights.weight.abs().max() == 0 and attn.attention_weights.bias.abs().max() == 0
+    bias = attn.sampling_offsets.bias.view(M, L, P, 2)
+    angles = torch.atan2(bias[..., 1], bias[..., 0])  # (M, L, P)
+    expected = torch.arange(M, dtype=torch.float32) * 2 * math.pi / M
+    expected = torch.atan2(expected.sin(), expected.cos())  # wrap to (-pi, pi]
+    torch.testing.assert_close(angles, expected.view(M, 1, 1).expand(M, L, P), atol=1e-5, rtol=0)
+    # point k (1-based) lies k times as far as the first point, whose largest coordinate is 1
+    torch.testing.assert_close(bias[:, :, 0].abs().amax(-1), torch.ones(M, L))
+    for k in range(P):
+        torch.testing.assert_close(bias[:, :, k], (k + 1) * bias[:, :, 0])
+    # uniform attention at init
+    q = torch.randn(1, 2, 32)
+    w = attn.attention_weights(q).view(1, 2, M, L * P).softmax(-1)
+    torch.testing.assert_close(w, torch.full_like(w, 1.0 / (L * P)))
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_module_matches_explicit_computation(ref_dim):
+    """Forward = projections + sampling at reference + offset (normalized per level / per box)."""
+    g = torch.Generator().manual_seed(3)
+    M, L, P, C = 2, 3, 2, 8
+    attn = MSDeformAttn(d_model=C, n_levels=L, n_heads=M, n_points=P).double()
+    _randomize(attn, g)
+    query, ref, x, shapes, start = _flat_inputs(g, N=1, C=C, Lq=2, ref_dim=ref_dim)
+    query, ref, x = query.double(), ref.double(), x.double()
+    out = attn(query, ref, x, shapes, start)
+    assert out.shape == (1, 2, C)
+
+    N, Lq = 1, 2
+    with torch.no_grad():
+        off = attn.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        w = attn.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        value = attn.value_proj(x).view(N, -1, M, C // M)
+        loc = torch.empty_like(off)
+        for lvl, (H, W) in enumerate(SHAPES):
+            for p in range(P):
+                if ref_dim == 2:
+                    loc[:, :, :, lvl, p, 0] = ref[:, :, None, lvl, 0] + off[:, :, :, lvl, p, 0] / W
+                    loc[:, :, :, lvl, p, 1] = ref[:, :, None, lvl, 1] + off[:, :, :, lvl, p, 1] / H
+                else:
+                    loc[:, :, :, lvl, p, :] = ref[:, :, None, lvl, :2] + off[:, :, :, lvl, p, :] * (
+                        ref[:, :, None, lvl, 2:] * 0.5 / P
+                    )
+        expected = attn.output_proj(reference_core(value, shapes, loc, w))
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+
+
+def test_padding_mask_removes_padded_values():
+    g = torch.Generator().manual_seed(4)
+    C = 16
+    attn = MSDeformAttn(d_model=C, n_levels=3, n_heads=4, n_points=3)
+    _randomize(attn, g)
+    query, ref, x, shapes, start = _flat_inputs(g, C=C)
+    mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+    # pad the last two columns of level 0 of image 1, and the whole last level of image 0
+    padded0 = torch.zeros(5, 7, dtype=torch.bool)
+    padded0[:, 5:] = True
+    mask[1, :35] = padded0.flatten()
+    mask[0, 41:] = True
+    x_changed = x.clone()
+    x_changed[mask] = torch.randn(int(mask.sum()), C, generator=g) * 10
+    out = attn(query, ref, x, shapes, start, mask)
+    out_changed = attn(query, ref, x_changed, shapes, start, mask)
+    torch.testing.assert_close(out, out_changed, atol=1e-6, rtol=0)
+    # without the mask those values do contribute
+    assert not torch.allclose(attn(query, ref, x, shapes, start), attn(query, ref, x_changed, shapes, start))
+
+
+def test_module_input_validation():
+    g = torch.Generator().manual_seed(5)
+    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2)
+    query, ref, x, shapes, start = _flat_inputs(g, C=16)
+    with pytest.raises(ValueError, match="query"):
+        attn(query[..., :8], ref, x, shapes, start)
+    with pytest.raises(ValueError, match="reference_points"):
+        attn(query, ref[:, :, :2], x, shapes, start)
+    with pytest.raises(ValueError, match="reference_points"):
+        attn(query, torch.zeros(*ref.shape[:3], 3), x, shapes, start)
+    with pytest.raises(ValueError, match="input_flatten"):
+        attn(query, ref, x[:, :-1], shapes, start)
+    with pytest.raises(ValueError, match="input_spatial_shapes"):
+        attn(query, ref, x, shapes[:2], start)
+    with pytest.raises(ValueError, match="input_level_start_index"):
+        attn(query, ref, x, shapes, torch.tensor([0, 35, 40]))
+    with pytest.raises(ValueError, match="input_padding_mask"):
+        attn(query, ref, x, shapes, start, torch.zeros(x.shape[:2]))
