@@ -278,6 +278,11 @@ class PanopticSegFormer(nn.Module):
             queries, query_pos, num_thing_queries, enc.memory, enc.pos, enc.padding_mask,
             enc.spatial_shapes, enc.level_start_index, num_layers=num_mask_layers,
             return_attention=return_attention)
+        # Mask logits over padding (1/8 of the padded batch) are pinned to "background", so the mask
+        # losses and the post-processors never see values the attention maps copied into padding.
+        pad = masks[0][:, None]
+        for layer in layers:
+            layer["pred_masks"] = layer["pred_masks"].masked_fill(pad, -1e4)
         return {
             "location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
             "thing_query_index": index,

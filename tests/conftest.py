@@ -18,3 +18,27 @@ def coco_sample_root():
     if not os.path.isdir(root):
         pytest.fail(f"COCO panoptic sample not found at {root} (set PANOPTIC_SEGFORMER_COCO_SAMPLE)")
     return root
+
+import sys
+
+if REPO_ROOT not in sys.path:  # train_net.py lives at the repository root
+    sys.path.insert(0, REPO_ROOT)
+
+
+def small_cfg(*opts, train=("shapes_panoptic_train_tiny",), test=("shapes_panoptic_val_tiny",)):
+    """The CPU `shapes` config at 128 px with a tiny schedule; `opts` are KEY VALUE overrides."""
+    from detectron2.config import get_cfg
+
+    from panoptic_segformer import add_panoptic_segformer_config
+
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml"))
+    cfg.merge_from_list([
+        "DATASETS.TRAIN", str(tuple(train)), "DATASETS.TEST", str(tuple(test)),
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "256",
+        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
+        "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "100000", "SEED", "1",
+    ] + list(opts))
+    return cfg

@@ -25,8 +25,16 @@ BUILTIN = ["heuristic", "mask_wise", "pixel_argmax", "pixel_argmax_prob"]
 # --------------------------------------------------------------------------------------------
 # Independent reference of mask-wise merging, written from the specification (numpy, loop).
 # --------------------------------------------------------------------------------------------
-def reference_mask_wise(m, p, labels, is_thing, alpha, beta, mask_thr, conf, keep):
-    """m (N, H, W) float64, p (N,), labels (N,), is_thing (N,); conf/keep = (thing, stuff)."""
+def reference_mask_wise(m, p, labels, is_thing, alpha, beta, mask_thr, conf, keep, events=None):
+    """m (N, H, W) float64, p (N,), labels (N,), is_thing (N,); conf/keep = (thing, stuff).
+
+    ``events`` (a dict) counts which rules fired, to check the random cases cover them.
+    """
+    events = {} if events is None else events
+
+    def count(key):
+        events[key] = events.get(key, 0) + 1
+
     n, h, w = m.shape
     binary = m > mask_thr
     area = binary.reshape(n, -1).sum(1)
@@ -36,19 +44,29 @@ def reference_mask_wise(m, p, labels, is_thing, alpha, beta, mask_thr, conf, kee
             mean = m[i][binary[i]].sum() / float(area[i])
             s[i] = p[i] ** alpha * mean ** beta
     order = sorted(range(n), key=lambda i: -s[i])  # Python's sort is stable
+    if any(s[i] == s[j] and s[i] > 0 for i in range(n) for j in range(i)):
+        count("score_tie")
     pan = np.zeros((h, w), dtype=np.int32)
     segments, stuff_segment = [], {}
     for i in order:
         t_cnf = conf[0] if is_thing[i] else conf[1]
         t_keep = keep[0] if is_thing[i] else keep[1]
-        if s[i] < t_cnf or area[i] == 0:
+        if area[i] == 0:
+            count("empty_mask")
+            continue
+        if s[i] < t_cnf:
+            count("below_conf_" + ("thing" if is_thing[i] else "stuff"))
             continue
         kept = binary[i] & (pan == 0)
         n_kept = int(kept.sum())
         # An empty kept part never makes a segment (only reachable with t_keep = 0).
         if n_kept == 0 or n_kept / float(area[i]) < t_keep:
+            count("below_keep")
             continue
+        if n_kept < area[i]:
+            count("partly_covered")
         if not is_thing[i] and int(labels[i]) in stuff_segment:
+            count("stuff_join")
             pan[kept] = stuff_segment[int(labels[i])]
             continue
         new_id = len(segments) + 1
@@ -107,20 +125,21 @@ def assert_same_segments(got, expected):
 
 
 def test_mask_wise_matches_reference_on_random_cases():
-    stats = {"stuff_joins": 0, "skipped_keep": 0, "cases_with_segments": 0}
+    events, cases_with_segments = {}, 0
     for seed in range(80):
         m, p, labels, is_thing, alpha, beta, conf, keep = random_case(seed)
-        pan_ref, seg_ref = reference_mask_wise(m, p, labels, is_thing, alpha, beta, 0.5, conf, keep)
+        pan_ref, seg_ref = reference_mask_wise(m, p, labels, is_thing, alpha, beta, 0.5, conf, keep, events)
         pan, seg = mask_wise_merge(*_torch(m, p, labels, is_thing), alpha=alpha, beta=beta,
                                    mask_threshold=0.5, conf_threshold=conf, keep_threshold=keep)
         assert pan.dtype == torch.int32 and pan.shape == pan_ref.shape
         np.testing.assert_array_equal(pan.numpy(), pan_ref, err_msg=f"seed {seed}")
         assert_same_segments(seg, seg_ref)
-        stats["cases_with_segments"] += bool(seg_ref)
-        stats["stuff_joins"] += int(sum(not s["isthing"] for s in seg_ref) < len(
-            {int(labels[i]) for i in range(len(labels)) if not is_thing[i]}))
-    # The random cases really exercise the interesting paths.
-    assert stats["cases_with_segments"] >= 50
+        cases_with_segments += bool(seg_ref)
+    # The random cases really exercise every rule of the specification.
+    assert cases_with_segments >= 50
+    for key in ("score_tie", "empty_mask", "below_conf_thing", "below_conf_stuff", "below_keep",
+                "partly_covered", "stuff_join"):
+        assert events.get(key, 0) >= 3, (key, events)
 
 
 def test_mask_wise_ties_keep_query_order():

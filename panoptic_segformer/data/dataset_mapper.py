@@ -195,7 +195,8 @@ class PanopticSegFormerDatasetMapper:
             dataset_dict.pop("pan_seg_file_name", None)
             return dataset_dict
 
-        pan_seg = transforms.apply_segmentation(pan_seg)
+        # float64 holds every id exactly; Detectron2 resizes non-uint8 maps with torch (nearest).
+        pan_seg = transforms.apply_segmentation(pan_seg.astype(np.float64)).astype(np.int64)
         thing_classes, thing_masks, stuff_masks = [], [], {}
         for seg in dataset_dict.pop("segments_info"):
             if seg.get("iscrowd", 0):

@@ -18,9 +18,10 @@ Normalization: classification/detection terms of things are divided by the numbe
 thing Dice by the number of matched (query, thing) pairs, stuff terms by the number of present stuff classes,
 all summed over the batch, averaged over processes (``torch.distributed``) and clamped to >= 1 (DETR).
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -75,7 +76,8 @@ class PanopticSegFormerCriterion(nn.Module):
         num_thing_classes: K_th (all classes in the joint-matching baseline).
         num_stuff_classes: K_st = number of stuff queries Q_st (0 in the joint-matching baseline).
         matcher: :class:`HungarianMatcher` used for every matching (its ``box_free`` must equal ``box_free``).
-        loss_weight_cls, loss_weight_seg, loss_weight_det: lambda_cls, lambda_seg, lambda_det (App. A.1: 2, 1, 1).
+        loss_weight_cls, loss_weight_seg, loss_weight_det: lambda_cls, lambda_seg, lambda_det of Eq. 4
+            (App. A.1: 2, 1, 1).
         det_weight_class, det_weight_bbox, det_weight_giou: Deformable DETR's weights inside L_det; in the
             box-free variant the centre L1 uses ``det_weight_bbox``.
         focal_alpha, focal_gamma: focal-loss parameters.
@@ -134,8 +136,9 @@ class PanopticSegFormerCriterion(nn.Module):
 
         With ``n_th`` = number of thing segments (``len(labels)``) and ``n_st`` = number of distinct stuff
         classes present (``len(unique(stuff_labels))``, one segment per class in COCO panoptic):
-        ``lambda_things = n_th / (n_th + n_st)``, ``lambda_stuff = n_st / (n_th + n_st)``; both are 0 for an
-        image with no segment. With ``dynamic_things_stuff_weight=False`` both are 1 for every image.
+        ``lambda_things = n_th / (n_th + n_st)``, ``lambda_stuff = n_st / (n_th + n_st)``. An image with no
+        annotated segment gets 1/2 and 1/2, so it still trains every thing query towards "no object" and every
+        stuff query as a negative (a zero weight would make such images no-ops). With ``dynamic_things_stuff_weight=False`` both are 1 for every image.
 
         Returns:
             two (N,) float32 tensors (on the device of ``targets[0]["labels"]``, CPU for an empty batch).
@@ -151,10 +154,11 @@ class PanopticSegFormerCriterion(nn.Module):
         )
         total = n_th + n_st
         safe = total.clamp(min=1.0)
-        return torch.where(total > 0, n_th / safe, 0.0), torch.where(total > 0, n_st / safe, 0.0)
+        return torch.where(total > 0, n_th / safe, 0.5), torch.where(total > 0, n_st / safe, 0.5)
 
-    def prepare_targets(self, targets: List[Dict[str, Tensor]], mask_size: Sequence[int],
-                        device: torch.device) -> List[Dict[str, Tensor]]:
+    def prepare_targets(
+        self, targets: List[Dict[str, Tensor]], mask_size: Sequence[int], device: torch.device
+    ) -> List[Dict[str, Tensor]]:
         """Validate targets and bring them to the prediction resolution.
 
         Returns per image: ``"labels"`` (M,) long; ``"boxes"`` (M, 4) float (box-based) or ``"centers"``
@@ -169,7 +173,9 @@ class PanopticSegFormerCriterion(nn.Module):
                     raise ValueError(f"targets[{i}] lacks '{key}'")
             labels, masks = t["labels"], t["masks"]
             if labels.dim() != 1 or labels.dtype != torch.long:
-                raise ValueError(f"targets[{i}]['labels'] must be (M,) long, got {tuple(labels.shape)} {labels.dtype}")
+                raise ValueError(
+                    f"targets[{i}]['labels'] must be (M,) long, got {tuple(labels.shape)} {labels.dtype}"
+                )
             num = labels.numel()
             if masks.dim() != 3 or masks.shape[0] != num:
                 raise ValueError(f"targets[{i}]['masks'] must be ({num}, Hp, Wp), got {tuple(masks.shape)}")
@@ -238,7 +244,8 @@ class PanopticSegFormerCriterion(nn.Module):
                 )
             if bx.shape != (*lg.shape[:2], loc_dim):
                 raise ValueError(
-                    f"location pred_boxes[{l}] must be {(*lg.shape[:2], loc_dim)} (box_free={self.box_free}), "
+                    f"location pred_boxes[{l}] must be {(*lg.shape[:2], loc_dim)} "
+                    f"(box_free={self.box_free}), "
                     f"got {tuple(bx.shape)}"
                 )
         mask_layers = [] if outputs.get("mask") is None else list(outputs["mask"])
@@ -248,18 +255,24 @@ class PanopticSegFormerCriterion(nn.Module):
             tl, sl, pm = layer["thing_logits"], layer["stuff_logits"], layer["pred_masks"]
             if tl.dim() != 3 or tl.shape[0] != batch or tl.shape[2] != self.num_thing_classes:
                 raise ValueError(
-                    f"mask[{i}]['thing_logits'] must be ({batch}, Q_th, {self.num_thing_classes}), got {tuple(tl.shape)}"
+                    f"mask[{i}]['thing_logits'] must be ({batch}, Q_th, {self.num_thing_classes}), "
+                    f"got {tuple(tl.shape)}"
                 )
             if sl.shape != (batch, self.num_stuff_classes):
                 raise ValueError(
-                    f"mask[{i}]['stuff_logits'] must be ({batch}, {self.num_stuff_classes}), got {tuple(sl.shape)}"
+                    f"mask[{i}]['stuff_logits'] must be ({batch}, {self.num_stuff_classes}), "
+                    f"got {tuple(sl.shape)}"
                 )
             q_total = tl.shape[1] + self.num_stuff_classes
             if pm.dim() != 4 or pm.shape[:2] != (batch, q_total):
                 raise ValueError(
-                    f"mask[{i}]['pred_masks'] must be ({batch}, Q_th + Q_st = {q_total}, h, w), got {tuple(pm.shape)}"
+                    f"mask[{i}]['pred_masks'] must be ({batch}, Q_th + Q_st = {q_total}, h, w), "
+                    f"got {tuple(pm.shape)}"
                 )
-            if tl.shape[1] != mask_layers[-1]["thing_logits"].shape[1] or pm.shape[-2:] != mask_layers[-1]["pred_masks"].shape[-2:]:
+            if (
+                tl.shape[1] != mask_layers[-1]["thing_logits"].shape[1]
+                or pm.shape[-2:] != mask_layers[-1]["pred_masks"].shape[-2:]
+            ):
                 raise ValueError("all mask-decoder layers must share Q_th and the mask size (h, w)")
         return logits_list, boxes_list, mask_layers
 
@@ -275,15 +288,21 @@ class PanopticSegFormerCriterion(nn.Module):
             return boxes_last
         if index.shape != (batch, num_thing_queries) or index.dtype != torch.long:
             raise ValueError(
-                f"thing_query_index must be ({batch}, {num_thing_queries}) long, got {tuple(index.shape)} {index.dtype}"
+                f"thing_query_index must be ({batch}, {num_thing_queries}) long, "
+                f"got {tuple(index.shape)} {index.dtype}"
             )
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= q_all):
             raise ValueError(f"thing_query_index must lie in [0, {q_all})")
         return torch.gather(boxes_last, 1, index[..., None].expand(-1, -1, boxes_last.shape[-1]))
 
     # ------------------------------------------------------------------ matching
-    def _match_things_prepared(self, outputs: Dict, prepared: List[Dict[str, Tensor]],
-                               boxes_list: List[Tensor], mask_layers: List[Dict]) -> List[Tuple[Tensor, Tensor]]:
+    def _match_things_prepared(
+        self,
+        outputs: Dict,
+        prepared: List[Dict[str, Tensor]],
+        boxes_list: List[Tensor],
+        mask_layers: List[Dict],
+    ) -> List[Tuple[Tensor, Tensor]]:
         last = mask_layers[-1]
         num_thing_queries = last["thing_logits"].shape[1]
         match_inputs = {
@@ -291,7 +310,9 @@ class PanopticSegFormerCriterion(nn.Module):
             "pred_masks": last["pred_masks"][:, :num_thing_queries].detach(),
         }
         if boxes_list:
-            match_inputs["pred_boxes"] = self._thing_query_boxes(outputs, boxes_list[-1].detach(), num_thing_queries)
+            match_inputs["pred_boxes"] = self._thing_query_boxes(
+                outputs, boxes_list[-1].detach(), num_thing_queries
+            )
         return self.matcher(match_inputs, prepared)
 
     def match_things(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
@@ -319,7 +340,9 @@ class PanopticSegFormerCriterion(nn.Module):
         gt_idx = torch.cat([g for _, g in indices]).to(device)
         return batch_idx, query_idx, gt_idx
 
-    def _one_hot_targets(self, shape: Tuple[int, ...], prepared, batch_idx, query_idx, gt_idx, device) -> Tensor:
+    def _one_hot_targets(
+        self, shape: Tuple[int, ...], prepared, batch_idx, query_idx, gt_idx, device
+    ) -> Tensor:
         target = torch.zeros(shape, device=device)
         if batch_idx.numel():
             labels = torch.cat([prepared[n]["labels"][gt_idx[batch_idx == n]] for n in range(len(prepared))])
@@ -330,7 +353,8 @@ class PanopticSegFormerCriterion(nn.Module):
         """Compute all weighted loss terms.
 
         Args:
-            outputs: ``{"location": {"pred_logits": [(N, Q_all, K_th)] * L, "pred_boxes": [(N, Q_all, 4|2)] * L},
+            outputs: ``{"location": {"pred_logits": [(N, Q_all, K_th)] * L,
+                "pred_boxes": [(N, Q_all, 4|2)] * L},
                 "thing_query_index": (N, Q_th) long, "mask": [{"thing_logits": (N, Q_th, K_th),
                 "stuff_logits": (N, Q_st), "pred_masks": (N, Q_th + Q_st, h, w)}] * D_m}``.
             targets: N dicts: ``"labels"`` (M,) long, ``"boxes"`` (M, 4) normalized cxcywh, ``"masks"``
@@ -353,8 +377,9 @@ class PanopticSegFormerCriterion(nn.Module):
 
             det_layers = range(len(logits_list)) if self.deep_supervision else range(len(logits_list))[-1:]
             det_indices = {
-                l: self.matcher({"pred_logits": logits_list[l].detach(), "pred_boxes": boxes_list[l].detach()},
-                                prepared)
+                l: self.matcher(
+                    {"pred_logits": logits_list[l].detach(), "pred_boxes": boxes_list[l].detach()}, prepared
+                )
                 for l in det_layers
             }
             thing_indices = self._match_things_prepared(outputs, prepared, boxes_list, mask_layers)
@@ -370,16 +395,29 @@ class PanopticSegFormerCriterion(nn.Module):
 
             # L_det (Eq. 4): Deformable DETR loss on each location-decoder layer.
             for l in det_layers:
-                losses.update(self._det_losses(l, logits_list[l], boxes_list[l], det_indices[l], prepared,
-                                               lam_things, num_things))
+                losses.update(
+                    self._det_losses(
+                        l, logits_list[l], boxes_list[l], det_indices[l], prepared, lam_things, num_things
+                    )
+                )
 
             # Mask-decoder things (Eq. 4) and stuff (Eq. 5) with deep supervision.
             thing_pairs = self._pairs(thing_indices, device)
             mask_ids = range(len(mask_layers)) if self.deep_supervision else range(len(mask_layers))[-1:]
             for i in mask_ids:
                 layer = mask_layers[i]
-                losses.update(self._thing_losses(i, layer, thing_pairs, prepared, lam_things, num_things,
-                                                 num_matched, num_thing_queries))
+                losses.update(
+                    self._thing_losses(
+                        i,
+                        layer,
+                        thing_pairs,
+                        prepared,
+                        lam_things,
+                        num_things,
+                        num_matched,
+                        num_thing_queries,
+                    )
+                )
                 losses.update(self._stuff_losses(i, layer, prepared, lam_stuff, num_stuff, num_thing_queries))
         return losses
 
@@ -408,8 +446,9 @@ class PanopticSegFormerCriterion(nn.Module):
             out[f"loss_det_giou_{l}"] = w * self.det_weight_giou * giou + keep
         return out
 
-    def _thing_losses(self, i, layer, pairs, prepared, lam_things, num_things, num_matched,
-                      num_thing_queries) -> Dict[str, Tensor]:
+    def _thing_losses(
+        self, i, layer, pairs, prepared, lam_things, num_things, num_matched, num_thing_queries
+    ) -> Dict[str, Tensor]:
         b, q, g = pairs
         logits = layer["thing_logits"]
         target = self._one_hot_targets(tuple(logits.shape), prepared, b, q, g, logits.device)

@@ -14,6 +14,7 @@ Any of the three parts may be absent (the location decoder has no masks; a model
 layers has no boxes). Query filtering (App. B.2) runs several rounds of this matching on the location
 decoder's final outputs; see :func:`multi_round_match` and :func:`select_thing_queries`.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -98,7 +99,8 @@ def downsample_masks(masks: Tensor, size: Sequence[int]) -> Tensor:
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Deformable DETR's focal classification cost.
 
-    ``cost[q, j] = alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))``, ``p = sigmoid(logits[q, labels[j]])``
+    ``cost[q, j] = alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` with
+    ``p = sigmoid(logits[q, labels[j]])``
     (``-log p`` and ``-log(1-p)`` computed stably as ``softplus(-x)`` and ``softplus(x)``).
 
     Args:
@@ -225,8 +227,7 @@ class HungarianMatcher(nn.Module):
         for t in preds:
             if t.shape[0] != num_queries:
                 raise ValueError(
-                    f"predictions disagree on the number of queries: "
-                    f"{[tuple(p.shape) for p in preds]}"
+                    f"predictions disagree on the number of queries: " f"{[tuple(p.shape) for p in preds]}"
                 )
         labels = target["labels"]
         if labels.dim() != 1:
@@ -257,7 +258,8 @@ class HungarianMatcher(nn.Module):
                 tgt_loc = self.target_locations(target).to(device).float()
                 if tgt_loc.shape != (num_gt, self.loc_dim):
                     raise ValueError(
-                        f"target locations must be ({num_gt}, {self.loc_dim}), got shape {tuple(tgt_loc.shape)}"
+                        f"target locations must be ({num_gt}, {self.loc_dim}), "
+                        f"got shape {tuple(tgt_loc.shape)}"
                     )
                 src_loc = pred_boxes.float()
                 if self.cost_bbox != 0:
@@ -280,7 +282,9 @@ class HungarianMatcher(nn.Module):
         return _sanitize(cost)
 
     @torch.no_grad()
-    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+    def forward(
+        self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
+    ) -> List[Tuple[Tensor, Tensor]]:
         """Match a batch.
 
         Args:
@@ -288,7 +292,8 @@ class HungarianMatcher(nn.Module):
                 ``"pred_masks"`` (N, Q, h, w); missing or None entries are left out of the cost.
             targets: list of N dicts as in :meth:`cost_matrix`.
         Returns:
-            list of N ``(pred_idx, gt_idx)`` long tensors of equal length ``min(Q, M_i)``; ``pred_idx`` sorted.
+            list of N ``(pred_idx, gt_idx)`` long tensors of equal length ``min(Q, M_i)``, ``pred_idx``
+            sorted.
         """
         preds = {k: outputs.get(k) for k in ("pred_logits", "pred_boxes", "pred_masks")}
         present = {k: v for k, v in preds.items() if v is not None}
@@ -302,7 +307,9 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"got {len(targets)} targets for a batch of {batch} predictions")
         indices = []
         for i, target in enumerate(targets):
-            cost = self.cost_matrix(target, **{k: (v[i] if v is not None else None) for k, v in preds.items()})
+            cost = self.cost_matrix(
+                target, **{k: (v[i] if v is not None else None) for k, v in preds.items()}
+            )
             indices.append(_solve(cost))
         return indices
 
@@ -317,7 +324,11 @@ class HungarianMatcher(nn.Module):
 def _check_location_outputs(pred_logits: Tensor, pred_boxes: Tensor, matcher: HungarianMatcher) -> None:
     if pred_logits.dim() != 3:
         raise ValueError(f"pred_logits must be (N, Q, K), got shape {tuple(pred_logits.shape)}")
-    if pred_boxes.dim() != 3 or pred_boxes.shape[:2] != pred_logits.shape[:2] or pred_boxes.shape[-1] != matcher.loc_dim:
+    if (
+        pred_boxes.dim() != 3
+        or pred_boxes.shape[:2] != pred_logits.shape[:2]
+        or pred_boxes.shape[-1] != matcher.loc_dim
+    ):
         raise ValueError(
             f"pred_boxes must be (N, Q, {matcher.loc_dim}) matching pred_logits {tuple(pred_logits.shape)}, "
             f"got shape {tuple(pred_boxes.shape)}"
@@ -375,8 +386,11 @@ def multi_round_match(
             r_all.append(torch.full_like(q, r))
         empty = torch.zeros(0, dtype=torch.long, device=device)
         results.append(
-            (torch.cat(q_all) if q_all else empty, torch.cat(g_all) if g_all else empty,
-             torch.cat(r_all) if r_all else empty)
+            (
+                torch.cat(q_all) if q_all else empty,
+                torch.cat(g_all) if g_all else empty,
+                torch.cat(r_all) if r_all else empty,
+            )
         )
     return results
 
