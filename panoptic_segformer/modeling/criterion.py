@@ -418,7 +418,8 @@ class PanopticSegFormerCriterion(nn.Module):
                         num_thing_queries,
                     )
                 )
-                losses.update(self._stuff_losses(i, layer, prepared, lam_stuff, num_stuff, num_thing_queries))
+                if self.num_stuff_classes:  # no stuff queries in the joint-matching baseline
+                    losses.update(self._stuff_losses(i, layer, prepared, lam_stuff, num_stuff, num_thing_queries))
         return losses
 
     def _det_losses(self, l, logits, boxes, indices, prepared, lam_things, num_things) -> Dict[str, Tensor]:

@@ -24,6 +24,8 @@ from .common import (
     check_unit_interval,
     greedy_fill,
     paint_segments,
+    raise_on_bad_values,
+    value_ranges,
 )
 from .registry import register_postprocessor
 
@@ -45,9 +47,11 @@ def mask_confidence_scores(
         prob_sums: (N,) float64 ``sum(1{m_i > t} m_i)``.
 
     Returns:
-        (N,) float64 ``p_i^alpha * (prob_sums / areas)^beta``, and 0 where the binary mask is empty.
+        (N,) float64 ``p_i^alpha * (prob_sums / areas)^beta``, and 0 where the binary mask is
+        empty. The average is clamped to 1 (its true bound, against float32 rounding), so that
+        ``s_i <= p_i^alpha`` holds exactly in floating point.
     """
-    mean = prob_sums / areas.clamp(min=1).double()
+    mean = (prob_sums / areas.clamp(min=1).double()).clamp(max=1.0)
     scores = class_probs.double().pow(alpha) * mean.pow(beta)
     return torch.where(areas > 0, scores, torch.zeros_like(scores))
 
@@ -64,35 +68,49 @@ def _check_params(alpha, beta, mask_threshold, conf_threshold, keep_threshold):
 
 def _mask_wise_merge(mask_probs, class_probs, labels, is_thing, alpha, beta, mask_threshold,
                      conf_threshold, keep_threshold) -> Tuple[torch.Tensor, SegmentsInfo]:
-    """Algorithm 1 on validated inputs; thresholds already normalized to (thing, stuff) pairs."""
-    h, w = mask_probs.shape[1:]
+    """Algorithm 1 on inputs of checked shapes/dtypes and N >= 1; value ranges are checked here
+    on everything read. Thresholds are already normalized to (thing, stuff) pairs."""
+    n, h, w = mask_probs.shape
     device = mask_probs.device
-    areas, prob_sums, boxes = binary_mask_stats(mask_probs, mask_threshold)
-    scores = mask_confidence_scores(class_probs, areas, prob_sums, alpha, beta)
     # Per-mask (thing, stuff) thresholds, float64 so that e.g. 0.3 is compared exactly as given.
-    n = mask_probs.shape[0]
     conf = torch.full((n,), conf_threshold[1], dtype=torch.float64, device=device).masked_fill_(
         is_thing, conf_threshold[0])
     keep = torch.full((n,), keep_threshold[1], dtype=torch.float64, device=device).masked_fill_(
         is_thing, keep_threshold[0])
-    # Descending confidence; stable, so ties keep query order.
+    # Exact pruning: the mask average is <= 1, so s_i <= p_i^alpha, and a mask with
+    # p_i^alpha < t_cnf is skipped whatever it holds -- it is never read (like DETR's and
+    # MaskFormer's class-probability filters, but without changing the result).
+    maybe = class_probs.double().pow(alpha) >= conf
+    host = torch.cat([value_ranges(None, class_probs, labels), maybe.double()]).tolist()  # sync 1
+    raise_on_bad_values(host[:5])
+    read = [q for q in range(n) if host[5 + q]]
+    if not read:
+        return torch.zeros((h, w), dtype=torch.int32, device=device), []
+    read_t = torch.as_tensor(read, dtype=torch.long, device=device)
+
+    areas, prob_sums, bands, mask_range = binary_mask_stats(mask_probs, mask_threshold, read)
+    scores = mask_confidence_scores(class_probs[read_t], areas, prob_sums, alpha, beta)
+    # Descending confidence; stable, and `read` is in query order, so ties keep query order.
     order = torch.sort(scores, descending=True, stable=True).indices
-    valid = (scores >= conf) & (areas > 0)
-    # One host sync for all per-mask scalars of the loop.
-    rows = torch.stack([order.double(), valid[order].double(), areas[order].double(), keep[order]]
-                       + [boxes[order, j].double() for j in range(4)], dim=1).tolist()
+    valid = (scores >= conf[read_t]) & (areas > 0)
+    rows = torch.stack([read_t[order].double(), valid[order].double(), areas[order].double(),
+                        keep[read_t][order], bands[order, 0].double(), bands[order, 1].double()], dim=1)
+    host = torch.cat([value_ranges(mask_range, class_probs, labels), rows.flatten()]).tolist()  # sync 2
+    raise_on_bad_values(host[:5])
+    rows = [host[5 + 6 * i: 11 + 6 * i] for i in range(len(read))]
     rows = [r for r in rows if r[1] > 0]
     candidates = [int(r[0]) for r in rows]
     owner = torch.zeros((h, w), dtype=torch.int32, device=device)
     greedy_fill(
         mask_probs, candidates,
-        boxes=[[int(v) for v in r[4:8]] for r in rows],
+        bands=[(int(r[4]), int(r[5])) for r in rows],
         areas=[int(r[2]) for r in rows],
         keep_fractions=[r[3] for r in rows],
         mask_threshold=mask_threshold,
         owner=owner,
     )
-    return paint_segments(owner, candidates, labels, is_thing, scores)
+    all_scores = torch.zeros(n, dtype=torch.float64, device=device).index_copy_(0, read_t, scores)
+    return paint_segments(owner, candidates, labels, is_thing, all_scores)  # sync 3
 
 
 def mask_wise_merge(
@@ -132,14 +150,17 @@ def mask_wise_merge(
         segments_info: ``[{"id", "category_id" (the contiguous label), "isthing", "score" (s_i)}]``
             in id order.
 
-    The loop runs over masks only; scores, areas and boxes are computed for all masks at once,
-    each step is vectorized over its mask's box, and there is no host sync inside the loop (three
-    in total: input ranges, the candidate list, the final segment table). CPU and CUDA.
+    Masks with ``p_i^alpha < conf_threshold`` cannot reach the threshold (the average is <= 1)
+    and are never read; value ranges are checked on ``class_probs``, ``labels`` and every mask
+    read. The loop runs over masks only: scores, areas and row bands are computed first, each
+    step is vectorized over its mask's rows, and there is no host sync inside the loop (three in
+    total: the class-probability filter, the candidate list, the segment table). CPU and CUDA.
     """
     alpha, beta, mask_threshold, conf_threshold, keep_threshold = _check_params(
         alpha, beta, mask_threshold, conf_threshold, keep_threshold)
     with torch.no_grad():
-        mask_probs, class_probs, labels, is_thing = check_inputs(mask_probs, class_probs, labels, is_thing)
+        mask_probs, class_probs, labels, is_thing = check_inputs(
+            mask_probs, class_probs, labels, is_thing, check_values=False)  # values: in the merge
         if mask_probs.shape[0] == 0:
             return torch.zeros(mask_probs.shape[1:], dtype=torch.int32, device=mask_probs.device), []
         return _mask_wise_merge(mask_probs, class_probs, labels, is_thing, alpha, beta, mask_threshold,
@@ -152,6 +173,8 @@ class MaskWiseMerging(PanopticPostProcessor):
 
     ``mask_logits`` and ``class_distribution`` are accepted and ignored.
     """
+
+    checks_values_in_merge = True  # ranges are checked in the pass over the masks
 
     def __init__(
         self,

@@ -19,9 +19,13 @@ from .common import (
     PanopticPostProcessor,
     binary_mask_stats,
     check_unit_interval,
+    check_values_of,
     greedy_fill,
     merge_stuff_of_same_class,
     paint_segments,
+    raise_on_bad_values,
+    running_argmax,
+    value_ranges,
 )
 from .registry import register_postprocessor
 
@@ -58,16 +62,18 @@ class PixelArgmax(PanopticPostProcessor):
             raise ValueError(f"area_threshold must be an integer >= 0, got {area_threshold!r}")
         self.area_threshold = int(area_threshold)
 
+    checks_values_in_merge = True  # only the kept queries' masks are read and checked
+
     def merge(self, mask_probs, class_probs, labels, is_thing, mask_logits=None,
               class_distribution: Optional[torch.Tensor] = None):
-        logits = mask_logits if mask_logits is not None else mask_probs
+        maps = mask_logits if mask_logits is not None else mask_probs
         h, w = mask_probs.shape[1:]
         candidates = _indices(class_probs > self.threshold)
-        # One host read of the candidates' classes (for grouping).
+        check_values_of(mask_probs, candidates, class_probs, labels)
+        # One host read of the classes (for grouping).
         host = torch.stack([labels, is_thing.long()]).tolist()
         while candidates:
-            index = torch.as_tensor(candidates, dtype=torch.long, device=mask_probs.device)
-            winner = logits[index].argmax(dim=0)  # (H, W), first index on ties
+            winner, _ = running_argmax(maps, candidates)  # (H, W), first candidate on ties
             area = torch.bincount(winner.flatten(), minlength=len(candidates)).tolist()
             groups = merge_stuff_of_same_class([host[0][q] for q in candidates],
                                                [bool(host[1][q]) for q in candidates])
@@ -104,20 +110,23 @@ class PixelArgmaxProb(PanopticPostProcessor):
         self.overlap_threshold = check_unit_interval(overlap_threshold, "overlap_threshold")
         self.mask_threshold = check_unit_interval(mask_threshold, "mask_threshold")
 
+    checks_values_in_merge = True  # only the kept queries' masks are read and checked
+
     def merge(self, mask_probs, class_probs, labels, is_thing, mask_logits=None,
               class_distribution: Optional[torch.Tensor] = None):
         candidates = _indices(class_probs > self.object_mask_threshold)
+        check_values_of(mask_probs, candidates, class_probs, labels)
         h, w = mask_probs.shape[1:]
         if not candidates:
             return torch.zeros((h, w), dtype=torch.int32, device=mask_probs.device), []
         m = len(candidates)
         index = torch.as_tensor(candidates, dtype=torch.long, device=mask_probs.device)
-        masks = mask_probs[index]  # (M, H, W)
-        winner = (class_probs[index].view(-1, 1, 1) * masks).argmax(dim=0)  # (H, W)
-        won_binary = masks.gather(0, winner[None]).squeeze(0) >= self.mask_threshold
+        winner, won_prob = running_argmax(mask_probs, candidates, weights=class_probs[index],
+                                          track=mask_probs)  # (H, W) each
+        won_binary = won_prob >= self.mask_threshold
         won_area = torch.bincount(winner.flatten(), minlength=m)
         kept_area = torch.bincount(winner[won_binary], minlength=m)
-        binary_area = (masks >= self.mask_threshold).sum(dim=(1, 2))
+        binary_area = torch.stack([(mask_probs[q] >= self.mask_threshold).sum() for q in candidates])
         ratio = won_area.double() / binary_area.clamp(min=1).double()
         valid = (won_area > 0) & (binary_area > 0) & (kept_area > 0) & (ratio >= self.overlap_threshold)
         owner = torch.where(won_binary & valid[winner], winner + 1, torch.zeros_like(winner))
@@ -144,6 +153,8 @@ class HeuristicMerging(PanopticPostProcessor):
     ``mask_logits`` and ``class_distribution`` are ignored.
     """
 
+    checks_values_in_merge = True  # value ranges are checked on the masks read
+
     def __init__(self, thing_threshold: float = 0.5, overlap_threshold: float = 0.5,
                  stuff_threshold: float = 0.0, stuff_area_limit: int = 64 * 64,
                  mask_threshold: float = 0.5):
@@ -159,32 +170,34 @@ class HeuristicMerging(PanopticPostProcessor):
               class_distribution: Optional[torch.Tensor] = None):
         h, w = mask_probs.shape[1:]
         device = mask_probs.device
-        areas, _, boxes = binary_mask_stats(mask_probs, self.mask_threshold)
         order = torch.sort(class_probs, descending=True, stable=True).indices
-        is_thing_o = is_thing[order]
-        probs_o = class_probs[order]
-        thing_ok = is_thing_o & (probs_o >= self.thing_threshold) & (areas[order] > 0)
-        stuff_ok = ~is_thing_o & (probs_o >= self.stuff_threshold)
-        # One host sync for everything the loop needs.
-        rows = torch.stack([order, thing_ok.long(), stuff_ok.long(), areas[order]]
-                           + [boxes[order, j] for j in range(4)], dim=1).tolist()
-        things = [r for r in rows if r[1]]
-        stuff = [r[0] for r in rows if r[2]]
-
+        thing_o = is_thing[order] & (class_probs[order] >= self.thing_threshold)
+        stuff_o = ~is_thing[order] & (class_probs[order] >= self.stuff_threshold)
+        host = torch.stack([order, thing_o.long(), stuff_o.long()], dim=1).tolist()  # sync
+        things = [q for q, t, _ in host if t]  # by descending class probability
+        stuff = [q for q, _, st in host if st]
+        # Only these masks are read; their value ranges are checked (with class_probs, labels).
+        check_values_of(mask_probs, stuff, class_probs, labels)
+        areas, _, bands, mask_range = binary_mask_stats(mask_probs, self.mask_threshold, things)
+        host = torch.cat([value_ranges(mask_range, class_probs, labels),
+                          torch.cat([areas, bands.flatten()]).double()]).tolist()  # sync
+        raise_on_bad_values(host[:5])
+        m = len(things)
+        things = [(q, int(host[5 + k]), (int(host[5 + m + 2 * k]), int(host[6 + m + 2 * k])))
+                  for k, q in enumerate(things) if host[5 + k] > 0]  # (query, area, band), non-empty
         owner = torch.zeros((h, w), dtype=torch.int32, device=device)
         greedy_fill(
-            mask_probs, [r[0] for r in things],
-            boxes=[r[4:8] for r in things],
-            areas=[r[3] for r in things],
+            mask_probs, [t[0] for t in things],
+            bands=[t[2] for t in things],
+            areas=[t[1] for t in things],
             keep_fractions=[1.0 - self.overlap_threshold] * len(things),
             mask_threshold=self.mask_threshold,
             owner=owner,
         )
         if stuff:
             index = torch.as_tensor(stuff, dtype=torch.long, device=device)
-            masks = mask_probs[index]
-            winner = (class_probs[index].view(-1, 1, 1) * masks).argmax(dim=0)
-            fill = (owner == 0) & (masks.gather(0, winner[None]).squeeze(0) > self.mask_threshold)
+            winner, won_prob = running_argmax(mask_probs, stuff, weights=class_probs[index], track=mask_probs)
+            fill = (owner == 0) & (won_prob > self.mask_threshold)
             owner = torch.where(fill, (winner + len(things) + 1).to(owner.dtype), owner)
-        return paint_segments(owner, [r[0] for r in things] + stuff, labels, is_thing, class_probs,
-                              min_stuff_area=self.stuff_area_limit)
+        return paint_segments(owner, [t[0] for t in things] + stuff, labels, is_thing, class_probs,
+                              min_stuff_area=0)

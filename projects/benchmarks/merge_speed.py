@@ -12,7 +12,7 @@ Times, on synthetic predictions of one image (default 300 thing + 53 stuff queri
 checks that the vectorized and loop mask-wise results are identical, and prints a markdown table
 of medians (ms) on CPU and, when available, CUDA.
 
-    python projects/benchmarks/merge_speed.py --repeats 3
+    python projects/benchmarks/merge_speed.py --repeats 5 --loop-repeats 2
 """
 
 import argparse
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from panoptic_segformer.postprocessing import build_postprocessor, mask_wise_merge
+from panoptic_segformer.postprocessing import build_postprocessor
 
 
 def synthetic_predictions(num_things, num_stuff, height, width, seed=0):
@@ -33,6 +33,7 @@ def synthetic_predictions(num_things, num_stuff, height, width, seed=0):
     Things are soft ellipses, stuff are smooth random fields; both are made at 1/8 resolution and
     upsampled bilinearly, as the model's masks are. Most queries have a low class probability.
     """
+    torch.manual_seed(seed)  # for the Beta sample below
     g = torch.Generator().manual_seed(seed)
     h8, w8 = height // 8, width // 8
     ys = torch.arange(h8).view(1, -1, 1).float()
@@ -106,10 +107,13 @@ def main():
     parser.add_argument("--width", type=int, default=1333)
     parser.add_argument("--num-things", type=int, default=300)
     parser.add_argument("--num-stuff", type=int, default=53)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--loop-repeats", type=int, default=1, help="repeats of the slow numpy loop")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loop-repeats", type=int, default=2, help="repeats of the slow numpy loop")
     parser.add_argument("--devices", default="cpu,cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     masks, logits, class_probs, labels, is_thing = synthetic_predictions(
         args.num_things, args.num_stuff, args.height, args.width)
@@ -129,8 +133,6 @@ def main():
             info[name] = len(seg)
             if name == "mask_wise":
                 vec_pan, vec_seg = pan.cpu().numpy(), seg
-        func_ms, _ = timed(lambda: mask_wise_merge(m, p, lb, th), args.repeats, device)
-        rows.setdefault("`mask_wise_merge` (function)", {})[device.type] = func_ms
         if device.type == "cpu":
             np_args = (masks.numpy(), class_probs.numpy().astype(np.float64), labels.numpy(), is_thing.numpy())
             loop_ms, (loop_pan, loop_seg) = timed(lambda: mask_wise_loop_numpy(*np_args),
@@ -138,17 +140,20 @@ def main():
             rows["mask-wise, per-mask numpy loop (official-style)"] = {"cpu": loop_ms}
             identical = (np.array_equal(loop_pan, vec_pan)
                          and [(s["id"], s["category_id"], s["isthing"]) for s in loop_seg]
-                         == [(s["id"], s["category_id"], s["isthing"]) for s in vec_seg]
-                         and all(abs(a["score"] - b["score"]) <= 1e-9 for a, b in zip(loop_seg, vec_seg)))
-            if not identical:
-                raise SystemExit("vectorized and loop mask-wise merging differ")
+                         == [(s["id"], s["category_id"], s["isthing"]) for s in vec_seg])
+            # Scores: float32 row sums (vectorized) vs float64 accumulation (loop).
+            score_diff = max((abs(a["score"] - b["score"]) / b["score"] for a, b in zip(vec_seg, loop_seg)),
+                             default=0.0)
+            if not identical or score_diff > 1e-6:
+                raise SystemExit(f"vectorized and loop mask-wise merging differ (score diff {score_diff:.1e})")
 
     cpu_name = platform.processor() or platform.machine()
     print(f"{n} masks at {args.height}x{args.width}; CPU: {torch.get_num_threads()} torch threads "
           f"({cpu_name}); CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'n/a'}; "
           f"median of {args.repeats} (numpy loop: {args.loop_repeats}) run(s); torch {torch.__version__}")
-    print(f"segments: " + ", ".join(f"{k} {v}" for k, v in info.items())
-          + "; vectorized == loop mask-wise result: yes")
+    print("segments: " + ", ".join(f"{k} {v}" for k, v in info.items())
+          + "; vectorized == loop mask-wise result: identical panoptic_seg and segments "
+          + f"(scores to {score_diff:.1e} relative)")
     print()
     header = "| method | " + " | ".join(f"{d.type.upper()} ms" for d in devices) + " |"
     print(header)

@@ -15,7 +15,8 @@ Registration is cheap: the images are generated on the first ``DatasetCatalog.ge
 reused from the cache afterwards), then loaded with Detectron2's ``load_coco_panoptic_json``.
 Metadata follows Detectron2's "standard" panoptic convention (as ``coco_panoptic_standard``):
 contiguous ids over all categories in order, ``thing_classes``/``stuff_classes`` both list every
-name, things in ``thing_dataset_id_to_contiguous_id``, stuff in ``stuff_dataset_id_to_contiguous_id``.
+name, things in ``thing_dataset_id_to_contiguous_id``, stuff in
+``stuff_dataset_id_to_contiguous_id``.
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ Content of one image:
   noise fields) that tile the background, each with its own texture (streaky noise, wavy stripes,
   bricks). Each stuff class is at most one segment per image (it may be disconnected, as in COCO).
 * *Void*: thin dark strokes and occasional grey blotches on the background, id ``0``.
-* *Things* ("circle", "triangle", "square", "star"): 2-8 instances with diameters from ~10 px to
-  half the image. About half of the instances are placed next to an earlier instance of the *same*
-  class, so same-class instances touch and overlap; later instances occlude earlier ones. A
-  placement is rejected (and retried elsewhere) when it would split an earlier instance into
-  several pieces or leave less than a minimum visible area of it, so every segment is one
-  4-connected region.
+* *Things* ("circle", "triangle", "square", "star"): 2-8 instances with diameters from 7% of the
+  image side (18 px at 256 px) to half of it. About half of the instances are placed next to an
+  earlier instance of the *same* class, so same-class instances touch and overlap; later instances
+  occlude earlier ones. A placement is rejected (and retried elsewhere) when it would split an
+  earlier instance into several pieces or leave less than a minimum visible area of it, so every
+  segment is one 4-connected region.
 * *Crowd*: occasionally a cluster of many small shapes of one thing class is annotated as a single
   ``iscrowd=1`` segment.
 
@@ -33,7 +33,8 @@ dataset-id <-> contiguous-id mapping show up.
 
 Every image is drawn from its own random generator seeded by ``(seed, split, index)``, so the
 bytes written do not depend on the number of workers or on the order of generation.
-This module only needs numpy, OpenCV and the standard library (no torch, no Detectron2); the Detectron2 registration lives in ``register_shapes.py``.
+This module only needs numpy, OpenCV and the standard library (no torch, no Detectron2); the
+Detectron2 registration lives in ``register_shapes.py``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the generated content changes, so cached splits are regenerated.
-SHAPES_GENERATOR_VERSION = 1
+SHAPES_GENERATOR_VERSION = 2  # 2: smallest things >= ~1.5 cells of the 1/8 mask grid
 
 #: COCO-style categories; things first, then stuff, with non-contiguous dataset ids.
 SHAPES_CATEGORIES: List[Dict] = [
@@ -104,11 +105,20 @@ def default_shapes_root() -> str:
 
 def _check_args(split: str, num_images: int, image_size: ImageSize, seed: int) -> Tuple[int, int]:
     """Validate the generation arguments; returns ``(height, width)``."""
-    if not isinstance(split, str) or not split or split in (".", "..") or any(
-        s in split for s in ("/", "\\", os.sep)
+    if (
+        not isinstance(split, str)
+        or not split
+        or split in (".", "..")
+        or any(s in split for s in ("/", "\\", os.sep))
     ):
-        raise ValueError(f"split must be a non-empty folder name without path separators, got {split!r}")
-    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise ValueError(
+            f"split must be a non-empty folder name without path separators, got {split!r}"
+        )
+    if (
+        isinstance(num_images, bool)
+        or not isinstance(num_images, (int, np.integer))
+        or num_images < 1
+    ):
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -292,7 +302,9 @@ def _draw_thing(
     if poly is None:
         axes = (int(round(r * _ONE)), int(round(r * rng.uniform(0.85, 1.0) * _ONE)))
         center = (int(round(cx * _ONE)), int(round(cy * _ONE)))
-        cv2.ellipse(canvas, center, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1, cv2.LINE_8, _SHIFT)
+        cv2.ellipse(
+            canvas, center, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1, cv2.LINE_8, _SHIFT
+        )
     else:
         pts = np.round(poly * _ONE).astype(np.int32)
         cv2.fillPoly(canvas, [pts], 1, cv2.LINE_8, _SHIFT)
@@ -352,8 +364,10 @@ def render_shapes_sample(
     seg[void > 0] = -1
 
     # ---- things
-    d_min, d_max = max(6.0, 0.04 * s), 0.5 * s
-    min_visible = max(12, int(round(4e-4 * npix)))
+    # Sizes from small to large. The smallest visible thing keeps >= ~1.5 cells of the model's 1/8
+    # mask grid (Eq. 2) at the native size: 7% of the side across, >= 0.15% of the image visible.
+    d_min, d_max = max(8.0, 0.07 * s), 0.5 * s
+    min_visible = max(24, int(round(1.5e-3 * npix)))
     canvas = np.zeros((h, w), dtype=np.uint8)
     full_area: Dict[int, int] = {}  # thing segment index -> area when it was drawn
 
@@ -383,9 +397,15 @@ def render_shapes_sample(
             r_small = max(3.0, rng.uniform(0.018, 0.03) * s)
             pos = rng.uniform(0.2, 0.8, 2) * (w, h)
             for _ in range(int(rng.integers(6, 15))):
-                _draw_thing(canvas, rng, cat["name"], pos[0], pos[1], r_small * rng.uniform(0.8, 1.2))
+                _draw_thing(
+                    canvas, rng, cat["name"], pos[0], pos[1], r_small * rng.uniform(0.8, 1.2)
+                )
                 ang = rng.uniform(0, 2 * math.pi)
-                pos = np.clip(pos + 1.2 * r_small * np.array([math.cos(ang), math.sin(ang)]), 0, (w - 1, h - 1))
+                pos = np.clip(
+                    pos + 1.2 * r_small * np.array([math.cos(ang), math.sin(ang)]),
+                    0,
+                    (w - 1, h - 1),
+                )
             mask = _largest_component(canvas)
             if try_place(mask):
                 segments.append({"cat": cat, "iscrowd": 1})
@@ -459,7 +479,9 @@ def render_shapes_sample(
         m = seg == i
         if not m.any():
             continue
-        base = np.array(segments[i]["cat"]["color"], np.float32) + rng.uniform(-30, 30, 3).astype(np.float32)
+        base = np.array(segments[i]["cat"]["color"], np.float32) + rng.uniform(-30, 30, 3).astype(
+            np.float32
+        )
         gx, gy = rng.uniform(-0.25, 0.25, 2) / max(8.0, 0.25 * s)
         cyx = np.array(np.nonzero(m)).mean(1)
         shade = 1.0 + gx * (xx[m] - cyx[1]) + gy * (yy[m] - cyx[0])
@@ -492,7 +514,9 @@ def _write_one(job: Tuple[str, int, str, int, Tuple[int, int]]) -> Dict:
     out_dir, seed, split, index, hw = job
     image, pan_id, segments_info = render_shapes_sample(seed, split, index, hw)
     stem = f"{index:06d}"
-    rgb = np.stack([pan_id & 255, (pan_id >> 8) & 255, (pan_id >> 16) & 255], axis=-1).astype(np.uint8)
+    rgb = np.stack([pan_id & 255, (pan_id >> 8) & 255, (pan_id >> 16) & 255], axis=-1).astype(
+        np.uint8
+    )
     ok1 = cv2.imwrite(
         os.path.join(out_dir, "images", stem + ".jpg"),
         np.ascontiguousarray(image[..., ::-1]),
@@ -507,12 +531,12 @@ def _write_one(job: Tuple[str, int, str, int, Tuple[int, int]]) -> Dict:
         raise OSError(f"could not write sample {stem} under {out_dir}")
     return {
         "image": {"id": index, "file_name": stem + ".jpg", "height": hw[0], "width": hw[1]},
-        "annotation": {"image_id": index, "file_name": stem + ".png", "segments_info": segments_info},
+        "annotation": {
+            "image_id": index,
+            "file_name": stem + ".png",
+            "segments_info": segments_info,
+        },
     }
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core; avoid OpenCV thread oversubscription
 
 
 def generate_shapes_panoptic(
@@ -558,8 +582,18 @@ def generate_shapes_panoptic(
         else:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            with ctx.Pool(int(workers), initializer=_init_worker) as pool:
-                entries = pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+            # One process per core: OpenCV's own thread pool is shut down (cleanly, here in the
+            # parent) before forking. Forked children must not touch a pool whose threads they
+            # did not inherit (cv2.setNumThreads in a child deadlocks).
+            cv2_threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+            try:
+                with ctx.Pool(int(workers)) as pool:
+                    entries = pool.map(
+                        _write_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))
+                    )
+            finally:
+                cv2.setNumThreads(cv2_threads)
         data = {
             "info": {
                 "description": "Panoptic SegFormer synthetic 'shapes' panoptic dataset",
