@@ -260,7 +260,8 @@ class PanopticSegFormer(nn.Module):
                 # Query filtering (Appendix B.2): multi-round matching on the location decoder.
                 index = select_thing_queries(
                     loc["pred_logits"][-1], loc["pred_boxes"][-1], targets,
-                    self.query_filter_rounds, min(self.query_filter_num, q_all))
+                    self.query_filter_rounds, min(self.query_filter_num, q_all),
+                    matcher=self.criterion.matcher)
             elif not self.training and 0 < self.test_num_thing_queries < q_all and loc["pred_logits"]:
                 scores = loc["pred_logits"][-1].sigmoid().amax(-1)
                 index = scores.topk(self.test_num_thing_queries, dim=1).indices.sort(dim=1).values

@@ -121,7 +121,8 @@ def assert_same_segments(got, expected):
     for g, e in zip(got, expected):
         assert set(g) == {"id", "category_id", "isthing", "score"}
         assert (g["id"], g["category_id"], g["isthing"]) == (e["id"], e["category_id"], e["isthing"])
-        assert isinstance(g["id"], int) and isinstance(g["category_id"], int) and isinstance(g["isthing"], bool)
+        assert isinstance(g["id"], int) and isinstance(g["category_id"], int)
+        assert isinstance(g["isthing"], bool)
         assert g["score"] == pytest.approx(e["score"], rel=1e-12, abs=1e-15)
 
 
@@ -205,7 +206,8 @@ def test_mask_wise_class_equals_function_and_float32():
     m, p, labels, is_thing, *_ = random_case(3)
     args = _torch(m.astype(np.float32), p.astype(np.float32), labels, is_thing)
     pan_f, seg_f = mask_wise_merge(*args, conf_threshold=(0.2, 0.3), keep_threshold=(0.5, 0.7))
-    pan_c, seg_c = build_postprocessor("mask_wise", conf_threshold=(0.2, 0.3), keep_threshold=(0.5, 0.7))(*args)
+    merging = build_postprocessor("mask_wise", conf_threshold=(0.2, 0.3), keep_threshold=(0.5, 0.7))
+    pan_c, seg_c = merging(*args)
     assert torch.equal(pan_f, pan_c) and seg_f == seg_c
     assert isinstance(build_postprocessor("mask_wise"), MaskWiseMerging)
 
@@ -224,11 +226,6 @@ def laptop_keyboard_case():
     m[1, 12:20, 5:19] = 0.9  # keyboard: higher mask probabilities there
     class_probs = torch.tensor([0.92, 0.79])  # Fig. 4: laptop 0.92, keyboard 0.79
     return m, class_probs, torch.tensor([LAPTOP, KEYBOARD]), torch.tensor([True, True])
-
-
-def _category_map(pan, seg):
-    lut = {s["id"]: s["category_id"] for s in seg}
-    return {(y, x): lut.get(int(pan[y, x]), None) for y, x in [(15, 10), (4, 4)]}
 
 
 def test_laptop_keyboard_fig4():
@@ -335,7 +332,8 @@ def test_pixel_argmax_prob_overlap_threshold():
     m = torch.zeros(2, 8, 8)
     m[0, :, :4] = 0.9
     m[1, :, :6] = 0.8  # wins only cols 4-5 of its 48 pixels (16/48 < 0.8) -> dropped
-    pan, seg = PixelArgmaxProb()(m, torch.tensor([0.9, 0.85]), torch.tensor([1, 2]), torch.tensor([True, True]))
+    pan, seg = PixelArgmaxProb()(m, torch.tensor([0.9, 0.85]), torch.tensor([1, 2]),
+                                 torch.tensor([True, True]))
     assert [s["category_id"] for s in seg] == [1]
     assert pan[:, :4].eq(1).all() and not pan[:, 4:].any()
 

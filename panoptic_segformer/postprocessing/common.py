@@ -25,7 +25,8 @@ call site can run any registered method.
 
 Shared helpers defined here and used by every method:
 
-* :func:`check_inputs` -- shapes, dtypes and value ranges, with one host sync.
+* :func:`check_inputs` -- shapes and dtypes, and value ranges with one host sync (the
+  built-in methods check value ranges on the data they actually read instead).
 * :func:`binary_mask_stats` -- area, probability sum and row band of each binary mask, vectorized.
 * :func:`greedy_fill` -- the priority-ordered "claim the unassigned pixels" loop shared by
   mask-wise merging (Algorithm 1) and the thing pass of the heuristic procedure.
@@ -181,12 +182,14 @@ def check_inputs(
         raise ValueError(f"is_thing must be a bool tensor, got dtype {is_thing.dtype}")
     if mask_logits is not None:
         if not isinstance(mask_logits, torch.Tensor) or mask_logits.shape != mask_probs.shape:
-            shape = tuple(mask_logits.shape) if isinstance(mask_logits, torch.Tensor) else type(mask_logits).__name__
+            shape = (tuple(mask_logits.shape) if isinstance(mask_logits, torch.Tensor)
+                     else type(mask_logits).__name__)
             raise ValueError(
                 f"mask_logits must have the shape of mask_probs {tuple(mask_probs.shape)}, got {shape}")
         if not mask_logits.is_floating_point() or mask_logits.device != device:
             raise ValueError(
-                f"mask_logits must be floating point on {device}, got {mask_logits.dtype} on {mask_logits.device}")
+                f"mask_logits must be floating point on {device}, "
+                f"got {mask_logits.dtype} on {mask_logits.device}")
     if class_distribution is not None:
         if (not isinstance(class_distribution, torch.Tensor) or class_distribution.dim() != 2
                 or class_distribution.shape[0] != n):
@@ -440,9 +443,11 @@ class PanopticPostProcessor:
 
     Subclasses have plain constructors of their thresholds and implement :meth:`merge` with the
     validated tensors. Anything callable with the common signature (module docstring) can be
-    registered; subclassing is a convenience. A subclass that reads every mask anyway may set
-    ``checks_values_in_merge = True`` and validate value ranges itself (:func:`value_ranges`,
-    :func:`raise_on_bad_values`), saving a full pass over the masks.
+    registered; subclassing is a convenience. Shapes and dtypes are always checked here; value
+    ranges too, unless the subclass sets ``checks_values_in_merge = True`` and checks them itself
+    on the data it reads (:func:`value_ranges`, :func:`raise_on_bad_values`,
+    :func:`check_values_of`) -- all built-ins do, to avoid an extra pass over N full-size masks
+    of which most are never used.
     """
 
     checks_values_in_merge = False

@@ -174,7 +174,7 @@ class MaskWiseMerging(PanopticPostProcessor):
     ``mask_logits`` and ``class_distribution`` are accepted and ignored.
     """
 
-    checks_values_in_merge = True  # ranges are checked in the pass over the masks
+    checks_values_in_merge = True  # value ranges are checked on the masks read
 
     def __init__(
         self,

@@ -8,7 +8,9 @@
   things first by score with overlap removal, then stuff by pixel-wise argmax on the rest.
 
 All three share the common signature and output of :mod:`.common`; stuff predictions of one
-class are merged into one segment by :func:`.common.merge_stuff_of_same_class` in each of them.
+class are merged into one segment by :func:`.common.merge_stuff_of_same_class` in each of them,
+and the pixel-wise argmax is :func:`.common.running_argmax`. Value ranges are checked on
+``class_probs``, ``labels`` and the masks each method reads (the kept queries' masks).
 """
 
 from typing import List, Optional
@@ -200,4 +202,4 @@ class HeuristicMerging(PanopticPostProcessor):
             fill = (owner == 0) & (won_prob > self.mask_threshold)
             owner = torch.where(fill, (winner + len(things) + 1).to(owner.dtype), owner)
         return paint_segments(owner, [t[0] for t in things] + stuff, labels, is_thing, class_probs,
-                              min_stuff_area=0)
+                              min_stuff_area=self.stuff_area_limit)

@@ -134,7 +134,8 @@ def main():
             if name == "mask_wise":
                 vec_pan, vec_seg = pan.cpu().numpy(), seg
         if device.type == "cpu":
-            np_args = (masks.numpy(), class_probs.numpy().astype(np.float64), labels.numpy(), is_thing.numpy())
+            np_args = (masks.numpy(), class_probs.numpy().astype(np.float64), labels.numpy(),
+                       is_thing.numpy())
             loop_ms, (loop_pan, loop_seg) = timed(lambda: mask_wise_loop_numpy(*np_args),
                                                   args.loop_repeats, device)
             rows["mask-wise, per-mask numpy loop (official-style)"] = {"cpu": loop_ms}
@@ -145,7 +146,8 @@ def main():
             score_diff = max((abs(a["score"] - b["score"]) / b["score"] for a, b in zip(vec_seg, loop_seg)),
                              default=0.0)
             if not identical or score_diff > 1e-6:
-                raise SystemExit(f"vectorized and loop mask-wise merging differ (score diff {score_diff:.1e})")
+                raise SystemExit(
+                    f"vectorized and loop mask-wise merging differ (score diff {score_diff:.1e})")
 
     cpu_name = platform.processor() or platform.machine()
     print(f"{n} masks at {args.height}x{args.width}; CPU: {torch.get_num_threads()} torch threads "
