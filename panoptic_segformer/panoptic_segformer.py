@@ -372,9 +372,7 @@ class PanopticSegFormer(nn.Module):
         for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
             dist, class_probs, labels, is_thing, mask_logits = self.per_query_predictions(last, i)
-            mask_logits = F.interpolate(mask_logits[None], size=(hp, wp), mode="bilinear",
-                                        align_corners=False)[0]
-            mask_logits = sem_seg_postprocess(mask_logits, image_size, height, width)
+            mask_logits = self.masks_to_image(mask_logits, image_size, (hp, wp), (height, width))
             mask_probs = mask_logits.sigmoid()
             result = {}
             if self.panoptic_on:
@@ -388,6 +386,21 @@ class PanopticSegFormer(nn.Module):
                 result["sem_seg"] = torch.einsum("qc,qhw->chw", dist, mask_probs)
             results.append(result)
         return results
+
+    @staticmethod
+    def masks_to_image(mask_logits, image_size, padded_size, output_size):
+        """Mask logits (Q, h, w) at 1/8 of the padded batch -> (Q, H_out, W_out) at the output size.
+
+        Only the cells covering this image are upsampled (the 1/8 grid is aligned with the padded
+        input's top-left corner), so neither padding nor a larger batch partner leaks into the
+        image's border; then Detectron2's `sem_seg_postprocess` crops and resizes.
+        """
+        (h1, w1), (hp, wp) = mask_logits.shape[-2:], padded_size
+        sh, sw = hp // h1, wp // w1
+        vh, vw = -(-image_size[0] // sh), -(-image_size[1] // sw)
+        logits = F.interpolate(mask_logits[None, :, :vh, :vw], size=(vh * sh, vw * sw),
+                               mode="bilinear", align_corners=False)[0]
+        return sem_seg_postprocess(logits, image_size, *output_size)
 
     def instance_inference(self, mask_probs, class_probs, labels, is_thing, image_size):
         """Top-`detections_per_image` thing results (stuff dropped, Table 4); score = class

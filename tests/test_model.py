@@ -116,3 +116,17 @@ def test_class_count_mismatch_is_a_clear_error():
     cfg = _tiny("MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES", "80")
     with pytest.raises(ValueError, match=r"NUM_THING_CLASSES/NUM_STUFF_CLASSES = 80/3.*4 thing and 3 stuff"):
         build_model(cfg)
+
+
+def test_masks_to_image_ignores_padding_and_batch_partners():
+    """Upsampling uses only the image's own 1/8 cells: the result equals upsampling the unpadded
+    map, whatever the padded/pinned cells around it hold."""
+    torch.manual_seed(0)
+    own = torch.randn(3, 5, 7)  # an image of 40x56 px at 1/8
+    padded = torch.full((3, 9, 12), -1e4)
+    padded[:, :5, :7] = own
+    out = PanopticSegFormer.masks_to_image(padded, (37, 53), (72, 96), (74, 106))
+    ref = PanopticSegFormer.masks_to_image(own, (37, 53), (40, 56), (74, 106))
+    assert out.shape == (3, 74, 106)
+    torch.testing.assert_close(out, ref)
+    assert out.min() > -100  # no -1e4 padding value leaked into the border

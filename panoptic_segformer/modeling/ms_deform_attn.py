@@ -11,17 +11,28 @@ where ``x^l(.)`` is bilinear sampling of level ``l`` and the attention weights `
 
 ``ms_deform_attn_core`` is the single pure-PyTorch implementation of the sampling + weighted sum
 (everything inside the brackets except ``W'_m``); ``MSDeformAttn`` is the full module with its
-projections. An accelerated kernel (e.g. Triton) can be added beside the core with the same signature.
+projections. ``ms_deform_attn`` dispatches between the core and the fused Triton kernel of
+:mod:`.ms_deform_attn_triton` (same semantics): Triton on CUDA tensors when it is installed, the core
+otherwise. Force either with :func:`set_ms_deform_attn_impl` or the environment variable
+``PANOPTIC_SEGFORMER_MSDA_IMPL`` (``auto`` | ``pytorch`` | ``triton``).
 """
 
 import math
+import os
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ms_deform_attn_core", "MSDeformAttn"]
+__all__ = [
+    "ms_deform_attn_core",
+    "ms_deform_attn",
+    "set_ms_deform_attn_impl",
+    "get_ms_deform_attn_impl",
+    "resolve_ms_deform_attn_impl",
+    "MSDeformAttn",
+]
 
 
 def _level_sizes(spatial_shapes: Tensor, arg_name: str = "spatial_shapes") -> List[List[int]]:
@@ -122,6 +133,119 @@ def ms_deform_attn_core(
     return output.view(N, M * D, Q).transpose(1, 2).contiguous()
 
 
+# ---------------------------------------------------------------------------------------------------
+# Dispatch between the pure-PyTorch core and the Triton kernel
+# ---------------------------------------------------------------------------------------------------
+MSDA_IMPL_ENV = "PANOPTIC_SEGFORMER_MSDA_IMPL"
+MSDA_IMPLS = ("auto", "pytorch", "triton")
+_impl_override: Optional[str] = None
+
+
+def _check_impl_name(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in MSDA_IMPLS:
+        raise ValueError(f"{source} must be one of {MSDA_IMPLS}, got {name!r}")
+    return name
+
+
+def set_ms_deform_attn_impl(name: Optional[str]) -> None:
+    """Choose the multi-scale deformable attention implementation for the whole process.
+
+    ``"pytorch"`` (:func:`ms_deform_attn_core`) or ``"triton"`` (fused kernel) force one;
+    ``"auto"`` or ``None`` clear the choice, leaving it to ``$PANOPTIC_SEGFORMER_MSDA_IMPL`` (default
+    ``auto``: Triton on CUDA tensors when available, PyTorch otherwise).
+    """
+    global _impl_override
+    _impl_override = None if name is None else _check_impl_name(name, "set_ms_deform_attn_impl name")
+
+
+def get_ms_deform_attn_impl() -> str:
+    """The requested implementation: the :func:`set_ms_deform_attn_impl` choice if it forces one,
+    else ``$PANOPTIC_SEGFORMER_MSDA_IMPL``, else ``"auto"``."""
+    if _impl_override is not None and _impl_override != "auto":
+        return _impl_override
+    return _check_impl_name(os.environ.get(MSDA_IMPL_ENV, "auto") or "auto", f"${MSDA_IMPL_ENV}")
+
+
+def _triton_module():
+    """The Triton kernel module, imported on first use (importing it never fails)."""
+    from . import ms_deform_attn_triton
+
+    return ms_deform_attn_triton
+
+
+def resolve_ms_deform_attn_impl(value: Tensor, impl: Optional[str] = None) -> str:
+    """Which implementation (``"pytorch"`` or ``"triton"``) runs for ``value``.
+
+    Args:
+        value: (N, S, M, D) the values to attend over (only device and dtype are read).
+        impl: per-call request overriding :func:`get_ms_deform_attn_impl`.
+
+    Raises:
+        RuntimeError: ``"triton"`` is forced but Triton is missing, or ``value`` is on the CPU and
+            Triton's interpreter is off (``TRITON_INTERPRET=1`` must be set before triton is imported).
+        ValueError: ``"triton"`` is forced with a dtype the kernel does not take (float64).
+    """
+    requested = get_ms_deform_attn_impl() if impl is None else _check_impl_name(impl, "impl")
+    if requested == "pytorch":
+        return "pytorch"
+    if requested == "auto":
+        if not value.is_cuda:
+            return "pytorch"
+        kernels = _triton_module()
+        if kernels.triton_available() and value.dtype in kernels.SUPPORTED_VALUE_DTYPES:
+            return "triton"
+        return "pytorch"
+    kernels = _triton_module()
+    if not kernels.triton_available():
+        raise RuntimeError(
+            f"ms_deform_attn implementation 'triton' was forced but Triton is unavailable "
+            f"({kernels.TRITON_IMPORT_ERROR})"
+        )
+    if not value.is_cuda and not kernels.triton_interpreter_mode():
+        raise RuntimeError(
+            f"ms_deform_attn implementation 'triton' was forced for tensors on {value.device}: the Triton "
+            "kernel runs on CUDA tensors, or on CPU tensors only in Triton's interpreter mode "
+            "(TRITON_INTERPRET=1 set before triton is first imported, e.g. at process start). "
+            "Use 'auto' or 'pytorch' on CPU."
+        )
+    if value.dtype not in kernels.SUPPORTED_VALUE_DTYPES:
+        raise ValueError(
+            f"ms_deform_attn implementation 'triton' supports value dtypes "
+            f"{kernels.SUPPORTED_VALUE_DTYPES}, got {value.dtype}"
+        )
+    return "triton"
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    impl: Optional[str] = None,
+) -> Tensor:
+    """Multi-scale deformable sampling + weighted sum ([12], Eq. 3), dispatched to
+    :func:`ms_deform_attn_core` or the Triton kernel (see :func:`resolve_ms_deform_attn_impl`).
+
+    Args:
+        value: (N, S, M, D).
+        spatial_shapes: (L, 2) int64 (H_l, W_l).
+        level_start_index: (L,) int64 start of each level in ``S`` (used by the Triton kernel).
+        sampling_locations: (N, Q, M, L, P, 2) normalized (x, y).
+        attention_weights: (N, Q, M, L, P).
+        impl: optional per-call ``"auto"`` / ``"pytorch"`` / ``"triton"``.
+
+    Returns:
+        (N, Q, M * D) in ``value.dtype``.
+    """
+    if resolve_ms_deform_attn_impl(value, impl) == "triton":
+        return _triton_module().ms_deform_attn_triton(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights)
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention module of Deformable DETR [12] (paper Sec. 3.2 / 3.3.2).
 
@@ -194,7 +318,7 @@ class MSDeformAttn(nn.Module):
             input_flatten: (N, S, C) values of all levels flattened, ``S = sum_l H_l * W_l``.
             input_spatial_shapes: (L, 2) int64 (H_l, W_l).
             input_level_start_index: (L,) int64 start of each level in ``S`` (checked against
-                ``input_spatial_shapes``; unused by the pure-PyTorch core).
+                ``input_spatial_shapes``; used by the Triton kernel, unused by the pure-PyTorch core).
             input_padding_mask: optional (N, S) bool, True at padding; those values are zeroed.
 
         Returns:
@@ -267,5 +391,7 @@ class MSDeformAttn(nn.Module):
                 reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-        output = ms_deform_attn_core(value, input_spatial_shapes, sampling_locations, attention_weights)
+        output = ms_deform_attn(
+            value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights
+        )
         return self.output_proj(output)

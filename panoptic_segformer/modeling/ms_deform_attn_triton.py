@@ -16,11 +16,12 @@ Each program handles ``BLOCK_Q`` queries of one (image ``n``, head ``m``) pair o
 whatever the input dtypes (fp32, fp16 or bf16 ``value``; any float locations / weights).
 
 Triton is optional: this module always imports; :func:`triton_available` says whether the kernels
-can run and :data:`TRITON_IMPORT_ERROR` why not. The kernels are decorated when this module is first
-imported, so Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) must be switched on before
-that; :func:`triton_interpreter_mode` reports which mode the kernels were built in.
+exist and :data:`TRITON_IMPORT_ERROR` why not. On CPU tensors they run only in Triton's interpreter,
+which must be switched on (``TRITON_INTERPRET=1``) before ``triton`` is first imported, in practice at
+process start; :func:`triton_interpreter_mode` reports it.
 """
 
+import os
 from typing import Optional
 
 import torch
@@ -249,15 +250,30 @@ def triton_available() -> bool:
 
 
 def triton_interpreter_mode() -> bool:
-    """True when the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` at import
-    of this module): they then run on CPU tensors (slowly)."""
+    """True when the kernels run in Triton's interpreter (on CPU tensors, slowly).
+
+    That needs ``TRITON_INTERPRET=1`` in the environment before ``triton`` is first imported (Triton
+    decides per ``@triton.jit`` function, its own ``tl.zeros``/``tl.sum`` included, and torchvision
+    already imports it), i.e. in practice at process start, and still set when a kernel runs.
+    """
     if triton is None:
         return False
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except Exception:
         return False
-    return isinstance(_msda_fwd_kernel, InterpretedFunction)
+    return (
+        isinstance(_msda_fwd_kernel, InterpretedFunction)
+        and isinstance(tl.zeros, InterpretedFunction)  # Triton's own jit library, built at its import
+        and _interpret_flag_set()
+    )
+
+
+def _interpret_flag_set() -> bool:
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -415,8 +431,8 @@ def ms_deform_attn_triton(
     if not value.is_cuda and not triton_interpreter_mode():
         raise RuntimeError(
             "the Triton multi-scale deformable attention kernel needs CUDA tensors, or Triton's interpreter "
-            "for CPU tensors (set TRITON_INTERPRET=1 before panoptic_segformer.modeling.ms_deform_attn_triton "
-            f"is first imported); got value on {value.device}"
+            "for CPU tensors (TRITON_INTERPRET=1 set before triton is first imported, e.g. at process start); "
+            f"got value on {value.device}"
         )
     return MSDeformAttnFunction.apply(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
