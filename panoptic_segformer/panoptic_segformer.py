@@ -29,6 +29,7 @@ from .modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSin
 from .modeling.location_decoder import LocationDecoder
 from .modeling.mask_decoder import MaskDecoder
 from .modeling.matcher import HungarianMatcher, select_thing_queries
+from .modeling.ms_deform_attn import set_ms_deform_attn_impl
 from .postprocessing import build_postprocessor
 from .utils import masks_to_boxes
 
@@ -126,6 +127,7 @@ class PanopticSegFormer(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         psf = cfg.MODEL.PANOPTIC_SEGFORMER
+        set_ms_deform_attn_impl(psf.MSDA_IMPL)  # process-wide choice of the MSDeformAttn kernel
         names = cfg.DATASETS.TRAIN or cfg.DATASETS.TEST
         thing_ids, stuff_ids = dataset_class_ids(names)
         if (len(thing_ids), len(stuff_ids)) != (psf.NUM_THING_CLASSES, psf.NUM_STUFF_CLASSES):

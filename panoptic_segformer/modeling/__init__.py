@@ -4,7 +4,7 @@ from .encoder import DeformableTransformerEncoder, EncoderOutput, PositionEmbedd
 from .location_decoder import LocationDecoder
 from .mask_decoder import AttentionMaskHead, MaskDecoder
 from .matcher import HungarianMatcher, select_thing_queries
-from .ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+from .ms_deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_core, set_ms_deform_attn_impl
 
 __all__ = [
     "AttentionMaskHead",
@@ -16,6 +16,8 @@ __all__ = [
     "MaskDecoder",
     "PanopticSegFormerCriterion",
     "PositionEmbeddingSine",
+    "ms_deform_attn",
     "ms_deform_attn_core",
+    "set_ms_deform_attn_impl",
     "select_thing_queries",
 ]
