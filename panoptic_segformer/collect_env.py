@@ -18,13 +18,13 @@ def detectron2_build():
         import detectron2
     except ImportError as e:
         return f"not importable ({e})"
-    try:
-        from detectron2 import _C
+    from detectron2 import _C
 
-        _C.get_compiler_version()
-        ops = "C++ ops built"
-    except ImportError:
-        ops = "pure Python, C++ ops not built (registry fallback)"
+    try:
+        placeholder = _C.IS_PLACEHOLDER  # only the registry fallback's placeholder defines it
+    except (AttributeError, ImportError):
+        placeholder = False
+    ops = "pure Python, C++ ops not built (registry fallback)" if placeholder else "C++ ops built"
     return f"{detectron2.__version__} at {detectron2.__path__[0]} ({ops})"
 
 

@@ -254,6 +254,23 @@ def test_trace_segment_queries_finds_the_query_of_each_segment(name):
     assert checked >= 8
 
 
+def test_trace_lists_every_stuff_query_of_a_merged_stuff_segment():
+    """Joint matching: two queries predicting one stuff class form one segment; both are listed,
+    best (class probability x mean mask probability over the segment) first."""
+    probs, class_probs, labels, is_thing, _ = _synthetic_predictions(0)
+    stuff = (~is_thing).nonzero().flatten()
+    labels[stuff[1]] = labels[stuff[0]]  # two queries now predict the first stuff class
+    class_probs[stuff[:2]] = torch.tensor([0.9, 0.95])
+    postprocessor = build_postprocessor("mask_wise")
+    pan, segments = postprocessor(probs, class_probs, labels, is_thing)
+    traced = demo.trace_segment_queries(postprocessor, pan, segments, probs, class_probs, labels, is_thing)
+    (merged,) = [s for s in segments if s["category_id"] == int(labels[stuff[0]])]
+    inside = pan == merged["id"]
+    rank = [float(class_probs[q] * probs[q][inside].mean()) for q in stuff[:2]]
+    expected = [int(q) for _, q in sorted(zip(rank, stuff[:2].tolist()), reverse=True)]
+    assert traced[merged["id"]] == expected
+
+
 def test_predict_with_attention_reproduces_the_predictor_and_reshapes_level_1(predictor, coco_dicts):
     bgr = read_image_rgb(coco_dicts[0]["file_name"], "BGR")
     run = demo.predict_with_attention(predictor, bgr)

@@ -257,6 +257,9 @@ def query_attention_maps(outputs: Dict, images, query: int, image_index: int = 0
     for layer in outputs["mask"]:
         if "attention" not in layer:
             raise ValueError("outputs have no 'attention': run forward_outputs(..., return_attention=True)")
+        if not 0 <= query < layer["attention"].shape[2]:
+            raise ValueError(f"query {query} out of range: attention has shape "
+                             f"{tuple(layer['attention'].shape)} (N, heads, Q, S)")
         attn = layer["attention"][image_index, :, query]  # (heads, S)
         h1, w1 = layer["pred_masks"].shape[-2:]
         if attn.shape[-1] < h1 * w1:
@@ -313,7 +316,8 @@ def save_segment_attention(predictor, bgr_image, out_dir: str, max_segments: int
     outputs, images = run["outputs"], run["images"]
     _, segments_info = run["predictions"]["panoptic_seg"]
     segments = sorted(segments_info, key=lambda s: -s.get("score", 0.0))[:max_segments]
-    os.makedirs(out_dir, exist_ok=True)
+    if segments:
+        os.makedirs(out_dir, exist_ok=True)
     resized_rgb = run["inputs"]["image"].permute(1, 2, 0).numpy().astype(np.uint8)
     if predictor.input_format == "BGR":
         resized_rgb = resized_rgb[:, :, ::-1]
@@ -342,9 +346,9 @@ def draw_panoptic(rgb_image: np.ndarray, predictions: Dict, metadata) -> np.ndar
 
 def _run_images(args, cfg, predictor, metadata, files) -> Tuple[List[str], List[Tuple[str, str]]]:
     written, failures, taken = [], [], set()
-    for path in tqdm.tqdm(files, desc="images", unit="img", disable=len(files) < 2):
+    for path in tqdm.tqdm(files, desc="images", unit="img"):
         try:
-            bgr = read_image_rgb(path, "BGR", cfg.INPUT.MIN_IMAGE_SIZE)
+            bgr = np.ascontiguousarray(read_image_rgb(path, "BGR", cfg.INPUT.MIN_IMAGE_SIZE))
         except DatasetError as e:  # its message names the file
             logger.error("Skipping input: %s", e if path in str(e) else f"{path}: {e}")
             failures.append((path, str(e)))

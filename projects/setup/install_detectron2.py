@@ -61,7 +61,23 @@ PROJECTS = {
 PLACEHOLDER_C = '''"""Placeholder for Detectron2's compiled C++/CUDA extension (written by Panoptic SegFormer's
 projects/setup/install_detectron2.py). This Detectron2 was installed from the registry package
 pb1-detectron2==0.6, whose source distribution lacks detectron2/layers/csrc, so no op is built.
-Any attempt to use one raises an ImportError naming it."""
+Any attempt to use one raises an ImportError naming it. The three build-information functions
+that Detectron2's collect_env (and so default_setup) calls answer "not built" instead."""
+
+IS_PLACEHOLDER = True
+_NOT_BUILT = "not built (registry fallback pb1-detectron2==0.6, pure Python)"
+
+
+def get_compiler_version():
+    return _NOT_BUILT
+
+
+def get_cuda_version():
+    return _NOT_BUILT
+
+
+def has_cuda():
+    return False
 
 
 def __getattr__(name):
