@@ -249,7 +249,8 @@ class PanopticSegFormer(nn.Module):
                         return_attention=False) -> Dict:
         """Run the network. Returns a dict with "location" (pred_logits / pred_boxes per location
         layer), "thing_query_index" (N, Q_th), "mask" (per mask-decoder layer: thing_logits,
-        stuff_logits, pred_masks[, attention]) -- the inputs of the criterion."""
+        stuff_logits, pred_masks[, attention]) -- the inputs of the criterion -- and the encoder's
+        "spatial_shapes" (L, 2) / "level_start_index" (L,) to split attention maps (Eq. 1)."""
         srcs, masks, pos = self._multi_scale_inputs(images)
         enc = self.encoder(srcs, masks, pos)
         loc = self.location_decoder(
@@ -290,6 +291,8 @@ class PanopticSegFormer(nn.Module):
             "location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
             "thing_query_index": index,
             "mask": layers,
+            "spatial_shapes": enc.spatial_shapes,
+            "level_start_index": enc.level_start_index,
         }
 
     def prepare_targets(self, batched_inputs, images: ImageList):
@@ -367,7 +370,11 @@ class PanopticSegFormer(nn.Module):
         is_thing[self._thing_ids] = True
         return dist, class_probs, labels, is_thing[labels], layer["pred_masks"][i]
 
-    def inference(self, outputs, batched_inputs, images: ImageList):
+    def inference(self, outputs, batched_inputs, images: ImageList, postprocessor=None):
+        """Detectron2 outputs from `forward_outputs`' last mask-decoder layer. `postprocessor`
+        (common signature of :mod:`panoptic_segformer.postprocessing`) replaces the configured one,
+        e.g. to compare post-processors on one forward pass (Table 7)."""
+        postprocessor = postprocessor or self.postprocessor
         last = outputs["mask"][-1]
         hp, wp = images.tensor.shape[-2:]
         results = []
@@ -378,7 +385,7 @@ class PanopticSegFormer(nn.Module):
             mask_probs = mask_logits.sigmoid()
             result = {}
             if self.panoptic_on:
-                result["panoptic_seg"] = self.postprocessor(
+                result["panoptic_seg"] = postprocessor(
                     mask_probs, class_probs, labels, is_thing, mask_logits=mask_logits,
                     class_distribution=dist)
             if self.instance_on:

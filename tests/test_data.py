@@ -217,3 +217,40 @@ def test_image_smaller_than_32px(tmp_path):
     Image.fromarray(np.zeros((20, 64, 3), np.uint8)).save(path)
     with pytest.raises(DatasetError, match=r"tiny.png: image is 64x20 px, smaller than the minimum 32 px"):
         read_image_rgb(str(path))
+
+
+def test_instances_json_derived_from_panoptic_gives_mask_ap_100(coco_sample_root, tmp_path):
+    """The COCO instances JSON written from the panoptic PNG/JSON (for COCOEvaluator's mask AP) holds
+    every thing segment; the ground-truth masks fed back as predictions score mask AP 100."""
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.structures import Instances
+
+    from panoptic_segformer.data.datasets.instances_json import panoptic_to_instances_json
+
+    out = panoptic_to_instances_json(os.path.join(coco_sample_root, "panoptic_sample.json"),
+                                     os.path.join(coco_sample_root, "panoptic"), str(tmp_path / "inst.json"))
+    with open(out) as f:
+        inst = json.load(f)
+    with open(os.path.join(coco_sample_root, "panoptic_sample.json")) as f:
+        pan = json.load(f)
+    thing_ids = {c["id"] for c in pan["categories"] if c["isthing"]}
+    expected = [(a["image_id"], s["category_id"], s["area"], s["iscrowd"]) for a in pan["annotations"]
+                for s in a["segments_info"] if s["category_id"] in thing_ids]
+    assert sorted((a["image_id"], a["category_id"], a["area"], a["iscrowd"]) for a in inst["annotations"]) == sorted(expected)
+
+    # the registered sample points its metadata json_file at the derived file
+    meta = MetadataCatalog.get("coco_panoptic_sample")
+    dicts = DatasetCatalog.get("coco_panoptic_sample")
+    assert os.path.isfile(meta.json_file)
+    evaluator = COCOEvaluator("coco_panoptic_sample", tasks=("segm",), output_dir=str(tmp_path), use_fast_impl=False)
+    evaluator.reset()
+    for d in dicts:
+        ids = _png_ids(d["pan_seg_file_name"])
+        segs = [s for s in d["segments_info"] if s["isthing"] and not s["iscrowd"]]
+        pred = Instances(ids.shape)
+        pred.pred_masks = torch.from_numpy(np.stack([ids == s["id"] for s in segs]))
+        pred.scores = torch.ones(len(segs))
+        pred.pred_classes = torch.tensor([s["category_id"] for s in segs])
+        evaluator.process([{"image_id": d["image_id"]}], [{"instances": pred}])
+    ap = evaluator.evaluate()["segm"]["AP"]
+    assert ap == pytest.approx(100.0), ap

@@ -140,3 +140,24 @@ def test_two_process_training_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "PQ" in proc.stdout + proc.stderr
     assert len(_losses(str(tmp_path))) >= 1
+
+
+def test_train_net_command_line_trains_then_evaluates(tmp_path):
+    """`train_net.py` as users run it (default_setup, logging, launch with 1 process), then
+    `--eval-only` on the checkpoint it wrote."""
+    base = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"),
+            "--config-file", os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")]
+    opts = ["DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "DATASETS.TEST", "('shapes_panoptic_val_tiny',)",
+            "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2",
+            "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0",
+            "OUTPUT_DIR", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(base + opts, capture_output=True, text=True, timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "copypaste: PQ,SQ,RQ" in log and os.path.isfile(tmp_path / "model_final.pth")
+    proc = subprocess.run(base + ["--eval-only"] + opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "copypaste: PQ,SQ,RQ" in log

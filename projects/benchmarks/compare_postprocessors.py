@@ -72,17 +72,12 @@ def predict_with_postprocessors(model, batched_inputs: List[Dict], postprocessor
     Returns:
         {name: [per-image output dict with "panoptic_seg" (and "instances"/"sem_seg" if enabled)]}.
     """
-    own = model.postprocessor
     results = OrderedDict()
-    try:
-        with torch.no_grad():
-            images = model.preprocess_image(batched_inputs)
-            outputs = model.forward_outputs(images, num_mask_layers=model.test_mask_decoder_layers)
-            for name, postprocessor in postprocessors.items():
-                model.postprocessor = postprocessor  # what model.inference calls
-                results[name] = model.inference(outputs, batched_inputs, images)
-    finally:
-        model.postprocessor = own
+    with torch.no_grad():
+        images = model.preprocess_image(batched_inputs)
+        outputs = model.forward_outputs(images, num_mask_layers=model.test_mask_decoder_layers)
+        for name, postprocessor in postprocessors.items():
+            results[name] = model.inference(outputs, batched_inputs, images, postprocessor=postprocessor)
     return results
 
 

@@ -8,7 +8,7 @@ Trains with train_net.py's Trainer on `configs/shapes/panoptic_segformer_shapes.
 `--eval-every` iterations it evaluates on `shapes_panoptic_val` (COCOPanopticEvaluator) and records
 (training seconds, iteration, PQ, PQ_th, PQ_st). Evaluation time is not counted as training time.
 Training stops at the first evaluation after the budget is spent (or at SOLVER.MAX_ITER). Writes
-`curve.json`, `curve.png` (matplotlib) and prints a markdown table.
+`curve.json`, `curve.png` (matplotlib), `model_final.pth`, and prints a markdown table.
 """
 import argparse
 import json
@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
@@ -93,6 +94,7 @@ def main():
     except _BudgetSpent:
         pass
     wall = time.perf_counter() - wall
+    DetectionCheckpointer(trainer.model, save_dir=args.output).save("model_final")
 
     with open(os.path.join(args.output, "curve.json"), "w") as f:
         json.dump({"config": args.config_file, "opts": args.opts, "points": hook.points,

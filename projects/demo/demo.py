@@ -21,7 +21,6 @@ scoring) a grid of its level-1 (1/8 scale) attention maps A: one row per mask-de
 column per head. The maps are the pre-softmax scaled dot products that Eq. (1) turns into masks.
 """
 import argparse
-import contextlib
 import glob
 import logging
 import os
@@ -207,16 +206,6 @@ class QueryTracer:
         return out
 
 
-@contextlib.contextmanager
-def _postprocessor_of(model, postprocessor):
-    """Temporarily make ``model.inference`` use ``postprocessor``."""
-    saved, model.postprocessor = model.postprocessor, postprocessor
-    try:
-        yield
-    finally:
-        model.postprocessor = saved
-
-
 def predict_with_attention(predictor: DefaultPredictor, bgr_image: np.ndarray):
     """Run ``predictor.model`` on ``predictor``'s pre-processing of ``bgr_image``, keeping the mask
     decoder's attention maps and which query produced each panoptic segment.
@@ -234,11 +223,11 @@ def predict_with_attention(predictor: DefaultPredictor, bgr_image: np.ndarray):
         raise ValueError("--show-attention needs MODEL.PANOPTIC_SEGFORMER.TEST.PANOPTIC_ON True")
     inputs = [predictor_inputs(predictor, bgr_image)]
     tracer = QueryTracer(model.postprocessor)
-    with torch.no_grad(), _postprocessor_of(model, tracer):
+    with torch.no_grad():
         images = model.preprocess_image(inputs)
         outputs = model.forward_outputs(images, num_mask_layers=model.test_mask_decoder_layers,
                                         return_attention=True)
-        predictions = model.inference(outputs, inputs, images)[0]
+        predictions = model.inference(outputs, inputs, images, postprocessor=tracer)[0]
     return {"inputs": inputs[0], "images": images, "outputs": outputs, "predictions": predictions,
             "segment_queries": tracer.segment_queries[0]}
 
@@ -247,9 +236,9 @@ def query_attention_maps(outputs: Dict, images, query: int, image_index: int = 0
     """Level-1 attention maps of one query: (layers, heads, h, w) float32.
 
     Each layer's "attention" (N, heads, Q, S) is over the S = sum_l H_l W_l flattened tokens of F;
-    level 1 (stride 8) comes first and has the spatial shape (H_1, W_1) of "pred_masks" (the mask
-    decoder predicts masks at level-1 resolution, Eq. 1). Its first H_1 W_1 tokens are reshaped
-    to (H_1, W_1) and cropped to the part covering the image (the rest is padding).
+    level 1 (stride 8) comes first; its shape (H_1, W_1) is ``outputs["spatial_shapes"][0]``
+    (Eq. 1). Its first H_1 W_1 tokens are reshaped to (H_1, W_1) and cropped to the part covering
+    the image (the rest is padding).
     """
     maps = []
     hp, wp = images.tensor.shape[-2:]
@@ -261,7 +250,7 @@ def query_attention_maps(outputs: Dict, images, query: int, image_index: int = 0
             raise ValueError(f"query {query} out of range: attention has shape "
                              f"{tuple(layer['attention'].shape)} (N, heads, Q, S)")
         attn = layer["attention"][image_index, :, query]  # (heads, S)
-        h1, w1 = layer["pred_masks"].shape[-2:]
+        h1, w1 = (int(v) for v in outputs["spatial_shapes"][0])
         if attn.shape[-1] < h1 * w1:
             raise ValueError(f"attention has S={attn.shape[-1]} tokens, fewer than the level-1 map "
                              f"{h1}x{w1}")

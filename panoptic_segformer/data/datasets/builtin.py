@@ -22,6 +22,8 @@ from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 
 from ..dataset_mapper import DatasetError
 from .ade20k_categories import ADE20K_150_CATEGORIES
+from .instances_json import panoptic_to_instances_json
+from .shapes import default_cache_root
 
 __all__ = [
     "load_panoptic_json_checked",
@@ -108,14 +110,22 @@ def load_panoptic_json_checked(json_file, image_dir, gt_dir, meta, env_hint=None
 
 
 def register_panoptic_dataset(name, metadata, image_root, panoptic_root, panoptic_json,
-                              instances_json=None, env_hint=None):
-    """Register a standard COCO-format panoptic dataset `name` with a checked loader."""
+                              instances_json=None, env_hint=None, derive_instances_json=False):
+    """Register a standard COCO-format panoptic dataset `name` with a checked loader.
+
+    `instances_json` (metadata ``json_file``) enables COCOEvaluator's mask AP; with
+    `derive_instances_json` the loader writes it from the panoptic annotations (thing segments).
+    """
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
-    DatasetCatalog.register(
-        name,
-        lambda: load_panoptic_json_checked(panoptic_json, image_root, panoptic_root, metadata, env_hint),
-    )
+
+    def load():
+        dicts = load_panoptic_json_checked(panoptic_json, image_root, panoptic_root, metadata, env_hint)
+        if derive_instances_json:
+            panoptic_to_instances_json(panoptic_json, panoptic_root, instances_json)
+        return dicts
+
+    DatasetCatalog.register(name, load)
     meta = MetadataCatalog.get(name)
     fields = dict(
         metadata,
@@ -170,7 +180,9 @@ def register_coco_sample(root=None):
         os.path.join(root, "images"),
         os.path.join(root, "panoptic"),
         os.path.join(root, "panoptic_sample.json"),
+        instances_json=os.path.join(default_cache_root(), "coco_panoptic_sample", "instances.json"),
         env_hint=_SAMPLE_ENV,
+        derive_instances_json=True,
     )
 
 

@@ -21,11 +21,13 @@ name, things in ``thing_dataset_id_to_contiguous_id``, stuff in
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 
+from .instances_json import panoptic_to_instances_json
 from .shapes import (
     SHAPES_CATEGORIES,
     generate_shapes_panoptic,
@@ -95,6 +97,8 @@ def register_shapes_panoptic(
         evaluator_type="coco_panoptic_seg",
         ignore_label=255,
         label_divisor=1000,
+        # instances JSON (for COCOEvaluator's mask AP), derived from the panoptic one on load
+        json_file=os.path.join(paths["split_dir"], "instances.json"),
     )
 
     if name in DatasetCatalog.list():
@@ -107,6 +111,7 @@ def register_shapes_panoptic(
 
     def _load() -> List[Dict]:
         generate_shapes_panoptic(data_root, split, num_images, image_size, seed)
+        panoptic_to_instances_json(paths["panoptic_json"], paths["panoptic_root"], fields["json_file"])
         return load_coco_panoptic_json(
             paths["panoptic_json"], paths["image_root"], paths["panoptic_root"], base_meta
         )

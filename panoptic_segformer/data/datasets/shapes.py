@@ -90,17 +90,19 @@ ImageSize = Union[int, Sequence[int]]
 # --------------------------------------------------------------------------------------------
 # paths and arguments
 # --------------------------------------------------------------------------------------------
-def default_shapes_root() -> str:
-    """Base folder of the cached shapes datasets.
-
-    ``$PANOPTIC_SEGFORMER_CACHE/shapes`` if that variable is set, else
-    ``~/.cache/panoptic_segformer/shapes``. Each generated configuration lives in its own
-    sub-folder, see :func:`shapes_dataset_dir`.
-    """
+def default_cache_root() -> str:
+    """The project's cache folder: ``$PANOPTIC_SEGFORMER_CACHE`` if set, else
+    ``~/.cache/panoptic_segformer``."""
     cache = os.environ.get("PANOPTIC_SEGFORMER_CACHE")
     if cache:
-        return os.path.join(os.path.expanduser(cache), "shapes")
-    return os.path.join(os.path.expanduser("~"), ".cache", "panoptic_segformer", "shapes")
+        return os.path.expanduser(cache)
+    return os.path.join(os.path.expanduser("~"), ".cache", "panoptic_segformer")
+
+
+def default_shapes_root() -> str:
+    """Base folder of the cached shapes datasets: ``<default_cache_root()>/shapes``. Each
+    generated configuration lives in its own sub-folder, see :func:`shapes_dataset_dir`."""
+    return os.path.join(default_cache_root(), "shapes")
 
 
 def _check_args(split: str, num_images: int, image_size: ImageSize, seed: int) -> Tuple[int, int]:
