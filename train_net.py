@@ -15,11 +15,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, verify_results
+from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, verify_results
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 from panoptic_segformer import PanopticSegFormerDatasetMapper, add_panoptic_segformer_config
+from panoptic_segformer.evaluation import ThingMaskAPEvaluator
 
 _NORM_TYPES = (
     torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
@@ -97,9 +98,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     if getattr(meta, "evaluator_type", None) == "coco_panoptic_seg" and cfg.MODEL.PANOPTIC_SEGFORMER.TEST.PANOPTIC_ON:
         evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
     if getattr(meta, "json_file", None) and cfg.MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON:
-        # use_fast_impl=False: the C++ COCOeval is not built in the registry-fallback Detectron2.
-        evaluators.append(COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder,
-                                        use_fast_impl=False))
+        evaluators.append(ThingMaskAPEvaluator(dataset_name, output_dir=output_folder))
     if not evaluators:
         raise ValueError(f"no evaluator for dataset {dataset_name!r} "
                          f"(evaluator_type={getattr(meta, 'evaluator_type', None)!r})")

@@ -222,10 +222,11 @@ def test_image_smaller_than_32px(tmp_path):
 def test_instances_json_derived_from_panoptic_gives_mask_ap_100(coco_sample_root, tmp_path):
     """The COCO instances JSON written from the panoptic PNG/JSON (for COCOEvaluator's mask AP) holds
     every thing segment; the ground-truth masks fed back as predictions score mask AP 100."""
-    from detectron2.evaluation import COCOEvaluator
-    from detectron2.structures import Instances
+    from panoptic_segformer.evaluation import ThingMaskAPEvaluator
+    from detectron2.structures import Boxes, Instances
 
     from panoptic_segformer.data.datasets.instances_json import panoptic_to_instances_json
+    from panoptic_segformer.utils import masks_to_boxes
 
     out = panoptic_to_instances_json(os.path.join(coco_sample_root, "panoptic_sample.json"),
                                      os.path.join(coco_sample_root, "panoptic"), str(tmp_path / "inst.json"))
@@ -242,13 +243,14 @@ def test_instances_json_derived_from_panoptic_gives_mask_ap_100(coco_sample_root
     meta = MetadataCatalog.get("coco_panoptic_sample")
     dicts = DatasetCatalog.get("coco_panoptic_sample")
     assert os.path.isfile(meta.json_file)
-    evaluator = COCOEvaluator("coco_panoptic_sample", tasks=("segm",), output_dir=str(tmp_path), use_fast_impl=False)
+    evaluator = ThingMaskAPEvaluator("coco_panoptic_sample", output_dir=str(tmp_path))
     evaluator.reset()
     for d in dicts:
         ids = _png_ids(d["pan_seg_file_name"])
         segs = [s for s in d["segments_info"] if s["isthing"] and not s["iscrowd"]]
         pred = Instances(ids.shape)
         pred.pred_masks = torch.from_numpy(np.stack([ids == s["id"] for s in segs]))
+        pred.pred_boxes = Boxes(masks_to_boxes(pred.pred_masks))
         pred.scores = torch.ones(len(segs))
         pred.pred_classes = torch.tensor([s["category_id"] for s in segs])
         evaluator.process([{"image_id": d["image_id"]}], [{"instances": pred}])
