@@ -51,6 +51,32 @@ def _level_sizes(spatial_shapes: Tensor, arg_name: str = "spatial_shapes") -> Li
     return sizes
 
 
+def check_sampling_shapes(N: int, M: int, L: int, sampling_locations: Tensor, attention_weights: Tensor):
+    """Shape checks of the sampling inputs, shared by the PyTorch core and the Triton path.
+
+    Raises ValueError naming the argument unless sampling_locations is (N, Q, M, L, P, 2) and
+    attention_weights is (N, Q, M, L, P); returns (Q, P).
+    """
+    if (
+        sampling_locations.dim() != 6
+        or sampling_locations.shape[0] != N
+        or sampling_locations.shape[2] != M
+        or sampling_locations.shape[3] != L
+        or sampling_locations.shape[5] != 2
+    ):
+        raise ValueError(
+            f"sampling_locations must have shape (N, Q, M, L, P, 2) = ({N}, Q, {M}, {L}, P, 2), "
+            f"got {tuple(sampling_locations.shape)}"
+        )
+    Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
+    if tuple(attention_weights.shape) != (N, Q, M, L, P):
+        raise ValueError(
+            f"attention_weights must have shape (N, Q, M, L, P) = {(N, Q, M, L, P)}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    return Q, P
+
+
 def ms_deform_attn_core(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -88,23 +114,7 @@ def ms_deform_attn_core(
             f"value has S={S} tokens (shape {tuple(value.shape)}) but spatial_shapes {sizes} "
             f"sum to {sum(h * w for h, w in sizes)}"
         )
-    if (
-        sampling_locations.dim() != 6
-        or sampling_locations.shape[0] != N
-        or sampling_locations.shape[2] != M
-        or sampling_locations.shape[3] != L
-        or sampling_locations.shape[5] != 2
-    ):
-        raise ValueError(
-            f"sampling_locations must have shape (N, Q, M, L, P, 2) = ({N}, Q, {M}, {L}, P, 2), "
-            f"got {tuple(sampling_locations.shape)}"
-        )
-    Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
-    if tuple(attention_weights.shape) != (N, Q, M, L, P):
-        raise ValueError(
-            f"attention_weights must have shape (N, Q, M, L, P) = {(N, Q, M, L, P)}, "
-            f"got {tuple(attention_weights.shape)}"
-        )
+    Q, P = check_sampling_shapes(N, M, L, sampling_locations, attention_weights)
     if not sampling_locations.is_floating_point() or not attention_weights.is_floating_point():
         raise ValueError(
             "sampling_locations and attention_weights must be floating point, got "

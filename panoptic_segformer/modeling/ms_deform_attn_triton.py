@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .ms_deform_attn import check_sampling_shapes
+
 __all__ = [
     "MSDeformAttnFunction",
     "ms_deform_attn_triton",
@@ -301,23 +303,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
             f"level_start_index must be an int32/int64 tensor of shape (L,) = ({L},), got "
             f"{level_start_index.dtype} {tuple(level_start_index.shape)}"
         )
-    if (
-        sampling_locations.dim() != 6
-        or sampling_locations.shape[0] != N
-        or sampling_locations.shape[2] != M
-        or sampling_locations.shape[3] != L
-        or sampling_locations.shape[5] != 2
-    ):
-        raise ValueError(
-            f"sampling_locations must have shape (N, Q, M, L, P, 2) = ({N}, Q, {M}, {L}, P, 2), "
-            f"got {tuple(sampling_locations.shape)}"
-        )
-    Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
-    if tuple(attention_weights.shape) != (N, Q, M, L, P):
-        raise ValueError(
-            f"attention_weights must have shape (N, Q, M, L, P) = {(N, Q, M, L, P)}, "
-            f"got {tuple(attention_weights.shape)}"
-        )
+    Q, P = check_sampling_shapes(N, M, L, sampling_locations, attention_weights)
     if sampling_locations.dtype not in _FLOAT_DTYPES or attention_weights.dtype not in _FLOAT_DTYPES:
         raise ValueError(
             "sampling_locations and attention_weights must be floating point, got "
