@@ -53,7 +53,7 @@ def add_panoptic_segformer_config(cfg):
     psf.QUERY_FILTER = CN()
     psf.QUERY_FILTER.ENABLED = True
     psf.QUERY_FILTER.NUM_ROUNDS = 3
-    psf.QUERY_FILTER.NUM_QUERIES = 50
+    psf.QUERY_FILTER.NUM_QUERIES = 45  # + 53 COCO stuff queries: the mask decoder sees < 100 (App. B.2)
     # Mask decoder (Sec. 3.3.3): cross-attention layers, masks from attention maps (Eq. 1-2).
     psf.MASK_DECODER_LAYERS = 6
     psf.MASK_DECODER_SELF_ATTN = False

@@ -96,3 +96,24 @@ def test_every_declared_key_is_read_by_the_code():
     assert added, "add_panoptic_segformer_config added nothing"
     unread = [key for key in sorted(added) if "." + key.split(".")[-1] not in sources]
     assert not unread, f"config keys never read by the code: {unread}"
+
+
+def test_ade20k_config_matches_the_paper_and_its_dataset():
+    cfg = _cfg()
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/ade20k/panoptic_segformer_R50_100ep.yaml"))
+    iters_per_epoch = 20210 / cfg.SOLVER.IMS_PER_BATCH
+    assert round(cfg.SOLVER.MAX_ITER / iters_per_epoch) == 100 and round(cfg.SOLVER.STEPS[0] / iters_per_epoch) == 80
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (512, 2048) and cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range"
+    from panoptic_segformer.panoptic_segformer import dataset_class_ids
+
+    things, stuff = dataset_class_ids(cfg.DATASETS.TRAIN)
+    assert (len(things), len(stuff)) == (cfg.MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES,
+                                         cfg.MODEL.PANOPTIC_SEGFORMER.NUM_STUFF_CLASSES) == (100, 50)
+
+
+def test_query_filtering_keeps_the_mask_decoder_under_100_queries():
+    """Appendix B.2: with filtering, the mask decoder handles fewer than 100 thing + stuff queries."""
+    cfg = _cfg()
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/coco/panoptic_segformer_R50_24ep.yaml"))
+    psf = cfg.MODEL.PANOPTIC_SEGFORMER
+    assert psf.QUERY_FILTER.ENABLED and psf.QUERY_FILTER.NUM_QUERIES + psf.NUM_STUFF_CLASSES < 100

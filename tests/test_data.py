@@ -219,14 +219,48 @@ def test_image_smaller_than_32px(tmp_path):
         read_image_rgb(str(path))
 
 
+def _gt_mask_ap(dataset_name, tmp_path):
+    """Mask AP of the dataset's ground-truth thing masks fed back as predictions."""
+    from detectron2.structures import Boxes, Instances
+
+    from panoptic_segformer.evaluation import ThingMaskAPEvaluator
+    from panoptic_segformer.utils import masks_to_boxes
+
+    dicts = DatasetCatalog.get(dataset_name)
+    evaluator = ThingMaskAPEvaluator(dataset_name, output_dir=str(tmp_path))
+    evaluator.reset()
+    for d in dicts:
+        ids = _png_ids(d["pan_seg_file_name"])
+        segs = [s for s in d["segments_info"] if s["isthing"] and not s["iscrowd"]]
+        pred = Instances(ids.shape)
+        pred.pred_masks = torch.from_numpy(np.stack([ids == s["id"] for s in segs]))
+        pred.pred_boxes = Boxes(masks_to_boxes(pred.pred_masks))
+        pred.scores = torch.ones(len(segs))
+        pred.pred_classes = torch.tensor([s["category_id"] for s in segs])
+        evaluator.process([{"image_id": d["image_id"]}], [{"instances": pred}])
+    return evaluator.evaluate()["segm"]["AP"]
+
+
+def test_mask_ap_with_things_interleaved_among_stuff_ids(coco_sample_root, tmp_path):
+    """ADE20K-style metadata (thing contiguous ids interleaved with stuff ids) still evaluates."""
+    from panoptic_segformer.data.datasets import panoptic_metadata
+
+    with open(os.path.join(coco_sample_root, "panoptic_sample.json")) as f:
+        categories = sorted(json.load(f)["categories"], key=lambda c: c["name"])  # interleaves
+    meta = panoptic_metadata(categories)
+    thing_ids = sorted(meta["thing_dataset_id_to_contiguous_id"].values())
+    assert thing_ids != list(range(len(thing_ids)))
+    register_panoptic_dataset(
+        "sample_interleaved", meta, os.path.join(coco_sample_root, "images"),
+        os.path.join(coco_sample_root, "panoptic"), os.path.join(coco_sample_root, "panoptic_sample.json"),
+        instances_json=str(tmp_path / "inst.json"), derive_instances_json=True)
+    assert _gt_mask_ap("sample_interleaved", tmp_path) == pytest.approx(100.0)
+
+
 def test_instances_json_derived_from_panoptic_gives_mask_ap_100(coco_sample_root, tmp_path):
     """The COCO instances JSON written from the panoptic PNG/JSON (for COCOEvaluator's mask AP) holds
     every thing segment; the ground-truth masks fed back as predictions score mask AP 100."""
-    from panoptic_segformer.evaluation import ThingMaskAPEvaluator
-    from detectron2.structures import Boxes, Instances
-
     from panoptic_segformer.data.datasets.instances_json import panoptic_to_instances_json
-    from panoptic_segformer.utils import masks_to_boxes
 
     out = panoptic_to_instances_json(os.path.join(coco_sample_root, "panoptic_sample.json"),
                                      os.path.join(coco_sample_root, "panoptic"), str(tmp_path / "inst.json"))
@@ -240,19 +274,6 @@ def test_instances_json_derived_from_panoptic_gives_mask_ap_100(coco_sample_root
     assert sorted((a["image_id"], a["category_id"], a["area"], a["iscrowd"]) for a in inst["annotations"]) == sorted(expected)
 
     # the registered sample points its metadata json_file at the derived file
-    meta = MetadataCatalog.get("coco_panoptic_sample")
-    dicts = DatasetCatalog.get("coco_panoptic_sample")
-    assert os.path.isfile(meta.json_file)
-    evaluator = ThingMaskAPEvaluator("coco_panoptic_sample", output_dir=str(tmp_path))
-    evaluator.reset()
-    for d in dicts:
-        ids = _png_ids(d["pan_seg_file_name"])
-        segs = [s for s in d["segments_info"] if s["isthing"] and not s["iscrowd"]]
-        pred = Instances(ids.shape)
-        pred.pred_masks = torch.from_numpy(np.stack([ids == s["id"] for s in segs]))
-        pred.pred_boxes = Boxes(masks_to_boxes(pred.pred_masks))
-        pred.scores = torch.ones(len(segs))
-        pred.pred_classes = torch.tensor([s["category_id"] for s in segs])
-        evaluator.process([{"image_id": d["image_id"]}], [{"instances": pred}])
-    ap = evaluator.evaluate()["segm"]["AP"]
-    assert ap == pytest.approx(100.0), ap
+    DatasetCatalog.get("coco_panoptic_sample")
+    assert os.path.isfile(MetadataCatalog.get("coco_panoptic_sample").json_file)
+    assert _gt_mask_ap("coco_panoptic_sample", tmp_path) == pytest.approx(100.0)
