@@ -130,3 +130,24 @@ def test_masks_to_image_ignores_padding_and_batch_partners():
     assert out.shape == (3, 74, 106)
     torch.testing.assert_close(out, ref)
     assert out.min() > -100  # no -1e4 padding value leaked into the border
+
+
+def test_bf16_autocast_inference_and_training_step_on_cpu(batches):
+    """Mixed precision (issue 6, the part that runs on a CPU): under bf16 autocast the forward is
+    finite and close to fp32, and a training step gives finite float32 losses and gradients."""
+    model = build_model(_tiny("MODEL.PANOPTIC_SEGFORMER.DROPOUT", "0.0")).eval()
+    train, test = batches
+    with torch.no_grad():
+        ref = model(test)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(test)
+    for r, o in zip(ref, out):
+        assert torch.isfinite(o["sem_seg"]).all()
+        torch.testing.assert_close(o["sem_seg"].float(), r["sem_seg"], atol=2e-2, rtol=0)
+        assert o["panoptic_seg"][0].dtype == torch.int32
+    model.train()
+    with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(train)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
