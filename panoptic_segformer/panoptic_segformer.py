@@ -28,6 +28,7 @@ from .modeling.criterion import PanopticSegFormerCriterion
 from .modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSine
 from .modeling.location_decoder import LocationDecoder
 from .modeling.mask_decoder import MaskDecoder
+from .modeling.official_mask_decoder import OfficialMaskDecoder
 from .modeling.matcher import HungarianMatcher, select_thing_queries
 from .modeling.ms_deform_attn import set_ms_deform_attn_impl
 from .postprocessing import build_postprocessor
@@ -83,6 +84,7 @@ class PanopticSegFormer(nn.Module):
         query_filter_num: int,
         test_mask_decoder_layers: int,
         test_num_thing_queries: int,
+        thing_class_source: str,
         mask_threshold: float,
         panoptic_on: bool,
         instance_on: bool,
@@ -112,6 +114,7 @@ class PanopticSegFormer(nn.Module):
         self.query_filter_num = query_filter_num
         self.test_mask_decoder_layers = test_mask_decoder_layers
         self.test_num_thing_queries = test_num_thing_queries
+        self.thing_class_source = thing_class_source
         self.mask_threshold = mask_threshold
         self.panoptic_on = panoptic_on
         self.instance_on = instance_on
@@ -143,12 +146,20 @@ class PanopticSegFormer(nn.Module):
                 raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.IN_FEATURES: backbone has no output {f!r} "
                                  f"(it has {sorted(shapes)})")
         d = psf.HIDDEN_DIM
-        n_levels = len(psf.IN_FEATURES)
-        # Channel mapper (Sec. 3.1): 1x1 conv to d channels + GroupNorm, as Deformable DETR's input_proj.
+        n_levels = psf.NUM_FEATURE_LEVELS
+        if n_levels < len(psf.IN_FEATURES):
+            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.NUM_FEATURE_LEVELS ({n_levels}) must be >= the "
+                             f"number of IN_FEATURES {list(psf.IN_FEATURES)}")
+        # Channel mapper (Sec. 3.1): 1x1 conv to d channels + GroupNorm, as Deformable DETR's input_proj;
+        # extra levels: 3x3 stride-2 conv + GroupNorm, the first on the last backbone feature.
         channel_mapper = nn.ModuleList(
             nn.Sequential(nn.Conv2d(shapes[f].channels, d, kernel_size=1), nn.GroupNorm(32, d))
             for f in psf.IN_FEATURES
         )
+        for i in range(len(psf.IN_FEATURES), n_levels):
+            c_in = shapes[psf.IN_FEATURES[-1]].channels if i == len(psf.IN_FEATURES) else d
+            channel_mapper.append(nn.Sequential(
+                nn.Conv2d(c_in, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
         for proj in channel_mapper:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
@@ -165,10 +176,28 @@ class PanopticSegFormer(nn.Module):
             num_queries=num_loc_queries, n_heads=psf.NHEADS, n_levels=n_levels,
             n_points=psf.DEC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
             box_free=psf.BOX_FREE)
-        mask_decoder = MaskDecoder(
-            num_loc_classes, d_model=d, num_layers=psf.MASK_DECODER_LAYERS, n_heads=psf.NHEADS,
-            n_levels=n_levels, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
-            self_attn=psf.MASK_DECODER_SELF_ATTN)
+        mask_levels = len(psf.IN_FEATURES)  # the mask decoder attends to the backbone levels only
+        if psf.MASK_DECODER_TYPE == "paper":
+            mask_decoder = MaskDecoder(
+                num_loc_classes, d_model=d, num_layers=psf.MASK_DECODER_LAYERS, n_heads=psf.NHEADS,
+                n_levels=mask_levels, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
+                self_attn=psf.MASK_DECODER_SELF_ATTN)
+        elif psf.MASK_DECODER_TYPE == "official":
+            if not decoupled:
+                raise ValueError("MASK_DECODER_TYPE 'official' needs MODEL.PANOPTIC_SEGFORMER."
+                                 "QUERY_DECOUPLING True (separate thing and stuff decoders)")
+            if psf.TEST.NUM_MASK_DECODER_LAYERS:
+                raise ValueError("MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS must be 0 with "
+                                 "MASK_DECODER_TYPE 'official' (its masks come from the final tail layer)")
+            mask_decoder = OfficialMaskDecoder(
+                num_loc_classes, d_model=d, n_heads=psf.NHEADS, d_ffn=psf.DIM_FEEDFORWARD,
+                num_thing_layers=psf.MASK_DECODER_LAYERS,
+                num_stuff_layers=psf.STUFF_MASK_DECODER_LAYERS,
+                thing_self_attn=psf.MASK_DECODER_SELF_ATTN,
+                stuff_self_attn=psf.STUFF_MASK_DECODER_SELF_ATTN, n_levels=mask_levels)
+        else:
+            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE must be 'paper' or 'official', "
+                             f"got {psf.MASK_DECODER_TYPE!r}")
         matcher = HungarianMatcher(
             cost_class=psf.MATCHER.COST_CLASS, cost_bbox=psf.MATCHER.COST_BBOX,
             cost_giou=psf.MATCHER.COST_GIOU, cost_mask=psf.MATCHER.COST_MASK,
@@ -188,6 +217,12 @@ class PanopticSegFormer(nn.Module):
                 "conf_threshold": (t.CONF_THRESHOLD_THING, t.CONF_THRESHOLD_STUFF),
                 "keep_threshold": (t.KEEP_THRESHOLD_THING, t.KEEP_THRESHOLD_STUFF)}
                if t.POSTPROCESSOR == "mask_wise" else {}))
+        if t.THING_CLASS_SOURCE not in ("mask_decoder", "location_decoder"):
+            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE must be 'mask_decoder' or "
+                             f"'location_decoder', got {t.THING_CLASS_SOURCE!r}")
+        if t.THING_CLASS_SOURCE == "location_decoder" and (psf.LOCATION_DECODER_LAYERS == 0 or not decoupled):
+            raise ValueError("MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE 'location_decoder' needs "
+                             "LOCATION_DECODER_LAYERS > 0 and QUERY_DECOUPLING True")
         if not 0 <= t.NUM_MASK_DECODER_LAYERS <= psf.MASK_DECODER_LAYERS:
             raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS must be in "
                              f"[0, {psf.MASK_DECODER_LAYERS}], got {t.NUM_MASK_DECODER_LAYERS}")
@@ -195,7 +230,8 @@ class PanopticSegFormer(nn.Module):
             "backbone": backbone,
             "in_features": list(psf.IN_FEATURES),
             "channel_mapper": channel_mapper,
-            "position_encoding": PositionEmbeddingSine(d // 2, normalize=True),
+            "position_encoding": PositionEmbeddingSine(
+                d // 2, normalize=True, offset=psf.POSITION_ENCODING_OFFSET),
             "encoder": encoder,
             "location_decoder": location_decoder,
             "mask_decoder": mask_decoder,
@@ -208,8 +244,9 @@ class PanopticSegFormer(nn.Module):
             "query_filter": psf.QUERY_FILTER.ENABLED and psf.LOCATION_DECODER_LAYERS > 0,
             "query_filter_rounds": psf.QUERY_FILTER.NUM_ROUNDS,
             "query_filter_num": psf.QUERY_FILTER.NUM_QUERIES,
-            "test_mask_decoder_layers": t.NUM_MASK_DECODER_LAYERS or psf.MASK_DECODER_LAYERS,
+            "test_mask_decoder_layers": t.NUM_MASK_DECODER_LAYERS or mask_decoder.num_layers,
             "test_num_thing_queries": t.NUM_THING_QUERIES,
+            "thing_class_source": t.THING_CLASS_SOURCE,
             "mask_threshold": t.MASK_THRESHOLD,
             "panoptic_on": t.PANOPTIC_ON,
             "instance_on": t.INSTANCE_ON,
@@ -237,8 +274,12 @@ class PanopticSegFormer(nn.Module):
         for i, (h, w) in enumerate(images.image_sizes):
             pad[i, :h, :w] = False
         srcs, masks, pos = [], [], []
-        for f, proj in zip(self.in_features, self.channel_mapper):
-            src = proj(features[f])
+        num_backbone = len(self.in_features)
+        for i, proj in enumerate(self.channel_mapper):
+            if i < num_backbone:
+                src = proj(features[self.in_features[i]])
+            else:  # extra level: stride-2 conv on the last backbone feature, then on the previous level
+                src = proj(features[self.in_features[-1]] if i == num_backbone else srcs[-1])
             mask = F.interpolate(pad[None].float(), size=src.shape[-2:])[0].bool()
             srcs.append(src)
             masks.append(mask)
@@ -257,8 +298,16 @@ class PanopticSegFormer(nn.Module):
             enc.memory, enc.spatial_shapes, enc.level_start_index, enc.valid_ratios, enc.padding_mask)
         queries, query_pos = loc["queries"], loc["query_pos"]
         n, q_all = queries.shape[:2]
-        index = None
-        if self.query_decoupling:
+        index = thing_pairs = None
+        if self.query_decoupling and not self.training and self.thing_class_source == "location_decoder":
+            # Official inference: the top (query, class) pairs of the last location-decoder layer; a query
+            # may appear once per class. Their thing classes and scores replace the mask decoder's.
+            logits = loc["pred_logits"][-1]  # (N, Q, K_th)
+            k = min(self.detections_per_image, logits.shape[1] * logits.shape[2])
+            top = logits.flatten(1).topk(k, dim=1)
+            index = torch.div(top.indices, logits.shape[2], rounding_mode="floor")
+            thing_pairs = (top.indices % logits.shape[2], top.values)
+        elif self.query_decoupling:
             if self.training and self.query_filter and targets is not None:
                 # Query filtering (Appendix B.2): multi-round matching on the location decoder.
                 index = select_thing_queries(
@@ -278,15 +327,24 @@ class PanopticSegFormer(nn.Module):
             stuff_pos, stuff_tgt = self.stuff_query_embed.weight.split(queries.shape[-1], dim=1)
             queries = torch.cat([queries, stuff_tgt[None].expand(n, -1, -1)], dim=1)
             query_pos = torch.cat([query_pos, stuff_pos[None].expand(n, -1, -1)], dim=1)
+        # The mask decoder attends to the backbone levels only (extra levels feed the encoder and the
+        # location decoder, as in the official code).
+        k = len(self.in_features)
+        s_k = sum(m.shape[-2] * m.shape[-1] for m in masks[:k])
         layers = self.mask_decoder(
-            queries, query_pos, num_thing_queries, enc.memory, enc.pos, enc.padding_mask,
-            enc.spatial_shapes, enc.level_start_index, num_layers=num_mask_layers,
-            return_attention=return_attention)
+            queries, query_pos, num_thing_queries, enc.memory[:, :s_k], enc.pos[:, :s_k],
+            enc.padding_mask[:, :s_k], enc.spatial_shapes[:k], enc.level_start_index[:k],
+            num_layers=num_mask_layers, return_attention=return_attention)
         # Mask logits over padding (1/8 of the padded batch) are pinned to "background", so the mask
         # losses and the post-processors never see values the attention maps copied into padding.
         pad = masks[0][:, None]
+        background = -1e4 if self.mask_decoder.mask_activation == "sigmoid" else 0.0
         for layer in layers:
-            layer["pred_masks"] = layer["pred_masks"].masked_fill(pad, -1e4)
+            layer["pred_masks"] = layer["pred_masks"].masked_fill(pad, background)
+            if thing_pairs is not None:
+                labels, values = thing_pairs
+                thing_logits = torch.full_like(layer["thing_logits"], float("-inf"))
+                layer["thing_logits"] = thing_logits.scatter(2, labels[..., None], values[..., None])
         return {
             "location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
             "thing_query_index": index,
@@ -338,6 +396,9 @@ class PanopticSegFormer(nn.Module):
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
+        if self.training and self.mask_decoder.mask_activation != "sigmoid":
+            raise RuntimeError("MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE 'official' runs converted "
+                               "official checkpoints at inference only; train with 'paper'")
         if self.training:
             for x in batched_inputs:
                 if "instances" not in x or "stuff" not in x:
@@ -382,7 +443,9 @@ class PanopticSegFormer(nn.Module):
             height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
             dist, class_probs, labels, is_thing, mask_logits = self.per_query_predictions(last, i)
             mask_logits = self.masks_to_image(mask_logits, image_size, (hp, wp), (height, width))
-            mask_probs = mask_logits.sigmoid()
+            mask_probs = self.mask_decoder.mask_probabilities(mask_logits)
+            if self.mask_decoder.mask_activation != "sigmoid":
+                mask_logits = None  # the official masks are probabilities, there are no logits
             result = {}
             if self.panoptic_on:
                 result["panoptic_seg"] = postprocessor(

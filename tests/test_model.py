@@ -84,6 +84,8 @@ def test_query_filtering_feeds_fewer_thing_queries_to_the_mask_decoder(batches):
     ("MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS", "1"),
     ("MODEL.PANOPTIC_SEGFORMER.TEST.NUM_THING_QUERIES", "5"),
     ("MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR", "pixel_argmax"),
+    ("MODEL.PANOPTIC_SEGFORMER.NUM_FEATURE_LEVELS", "4"),
+    ("MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE", "location_decoder"),
 ])
 def test_variant_trains_and_infers(opts, batches):
     model, losses = _step_and_infer(_tiny(*opts), batches)
@@ -95,6 +97,8 @@ def test_variant_trains_and_infers(opts, batches):
         assert model.mask_decoder.thing_class_embed[0].out_features == model.num_classes
     if key.endswith("LOCATION_DECODER_LAYERS"):
         assert sum(k.startswith("loss_det_cls") for k in losses) == int(value)
+    if key.endswith("NUM_FEATURE_LEVELS"):  # extra level for the encoder, not the mask decoder
+        assert model.encoder.level_embed.shape[0] == 4 and model.mask_decoder.n_levels == 3
 
 
 def test_deep_supervision_off_supervises_only_the_last_layer(batches):

@@ -3,6 +3,7 @@ from .criterion import PanopticSegFormerCriterion
 from .encoder import DeformableTransformerEncoder, EncoderOutput, PositionEmbeddingSine
 from .location_decoder import LocationDecoder
 from .mask_decoder import AttentionMaskHead, MaskDecoder
+from .official_mask_decoder import OfficialMaskDecoder
 from .matcher import HungarianMatcher, select_thing_queries
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_core, set_ms_deform_attn_impl
 
@@ -14,6 +15,7 @@ __all__ = [
     "LocationDecoder",
     "MSDeformAttn",
     "MaskDecoder",
+    "OfficialMaskDecoder",
     "PanopticSegFormerCriterion",
     "PositionEmbeddingSine",
     "ms_deform_attn",

@@ -382,6 +382,13 @@ class MaskDecoder(nn.Module):
     biases use the focal-loss prior -log((1-0.01)/0.01).
     """
 
+    mask_activation = "sigmoid"
+
+    @staticmethod
+    def mask_probabilities(mask_logits: Tensor) -> Tensor:
+        """Mask probabilities from the "pred_masks" logits."""
+        return mask_logits.sigmoid()
+
     def __init__(
         self,
         num_thing_classes: int,
