@@ -27,6 +27,13 @@ def add_panoptic_segformer_config(cfg):
     psf.NUM_STUFF_CLASSES = 53
     # Backbone features C3-C5 (strides 8/16/32), mapped to HIDDEN_DIM by the channel mapper (Sec. 3.1).
     psf.IN_FEATURES = ["res3", "res4", "res5"]
+    # Feature levels of the encoder and location decoder. Levels beyond IN_FEATURES are extra
+    # stride-2 3x3 convolutions (+ GroupNorm) on the last backbone feature, as Deformable DETR and the
+    # official code (4 levels) do. The mask decoder always attends to the IN_FEATURES levels only.
+    psf.NUM_FEATURE_LEVELS = 3
+    # Offset added to the 1-based positions of the sine positional encoding before normalisation
+    # (DETR: 0; mmdet's SinePositionalEncoding in the official code: -0.5).
+    psf.POSITION_ENCODING_OFFSET = 0.0
     psf.HIDDEN_DIM = 256
     psf.NHEADS = 8
     psf.DIM_FEEDFORWARD = 1024
@@ -57,6 +64,14 @@ def add_panoptic_segformer_config(cfg):
     # Mask decoder (Sec. 3.3.3): cross-attention layers, masks from attention maps (Eq. 1-2).
     psf.MASK_DECODER_LAYERS = 6
     psf.MASK_DECODER_SELF_ATTN = False
+    # "paper": one mask decoder for thing and stuff queries as Sec. 3.3.3 describes.
+    # "official": the released code's heads, to run converted checkpoints (projects/convert/):
+    # separate thing (MASK_DECODER_LAYERS, MASK_DECODER_SELF_ATTN) and stuff
+    # (STUFF_MASK_DECODER_LAYERS, STUFF_MASK_DECODER_SELF_ATTN) decoders, GELU FFNs, a per-level
+    # Linear+ReLU / Linear+ReLU mask head, a final attention-only "tail" layer, masks without sigmoid.
+    psf.MASK_DECODER_TYPE = "paper"
+    psf.STUFF_MASK_DECODER_LAYERS = 6
+    psf.STUFF_MASK_DECODER_SELF_ATTN = True
     psf.DEEP_SUPERVISION = True
     # Loss weights (Eq. 3-5, Appendix A.1) and Deformable DETR's detection loss weights.
     psf.CLASS_WEIGHT = 2.0
@@ -94,11 +109,28 @@ def add_panoptic_segformer_config(cfg):
     # Thing queries passed to the mask decoder at inference, the top ones by the location decoder's
     # class score; 0 = all N_th.
     psf.TEST.NUM_THING_QUERIES = 0
+    # Where thing class scores come from at inference: "mask_decoder" (its last layer's thing FC,
+    # Sec. 3.3.3) or "location_decoder" (the official code: the top DETECTIONS_PER_IMAGE
+    # (query, class) pairs of the location decoder's last layer).
+    psf.TEST.THING_CLASS_SOURCE = "mask_decoder"
     # Outputs: panoptic_seg, instances (top DETECTIONS_PER_IMAGE things, Table 4), sem_seg.
     psf.TEST.PANOPTIC_ON = True
     psf.TEST.INSTANCE_ON = True
     psf.TEST.SEMANTIC_ON = True
     psf.TEST.DETECTIONS_PER_IMAGE = 100
+
+    # timm backbones (Swin, PVTv2; Appendix D) wrapped as Detectron2 backbones by
+    # panoptic_segformer.modeling.backbone (MODEL.BACKBONE.NAME: "build_timm_backbone"). Stages are
+    # frozen with MODEL.BACKBONE.FREEZE_AT as for ResNets (1 = patch embedding, k = + stages 1..k-1).
+    cfg.MODEL.TIMM = CN()
+    cfg.MODEL.TIMM.NAME = "pvt_v2_b2"  # any timm model name
+    # Local ImageNet weights (timm, or the original Swin/PVTv2 release format); "" = random init.
+    # Nothing is downloaded at run time; a missing file is an error.
+    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.1
+    # LayerNorm on each output feature (Swin's detection backbone has one per output stage).
+    cfg.MODEL.TIMM.OUT_NORM = False
+    cfg.MODEL.TIMM.OUT_FEATURES = ["res3", "res4", "res5"]
 
     # Solver extras (Appendix A.1): AdamW, backbone LR multiplier, full-model gradient clipping.
     cfg.SOLVER.OPTIMIZER = "ADAMW"
