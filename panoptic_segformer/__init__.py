@@ -7,6 +7,7 @@ Importing the package registers the meta-architecture ``PanopticSegFormer`` in D
 from .config import add_panoptic_segformer_config
 from . import data  # noqa: F401  (registers datasets)
 from .data import PanopticSegFormerDatasetMapper
+from .modeling import backbone  # noqa: F401  (registers build_timm_backbone)
 from .panoptic_segformer import PanopticSegFormer
 
 __all__ = ["add_panoptic_segformer_config", "PanopticSegFormerDatasetMapper", "PanopticSegFormer"]

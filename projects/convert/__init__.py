@@ -1,0 +1,1 @@
+"""Checkpoint converters: release checkpoints -> Detectron2 checkpoints for ``MODEL.WEIGHTS``."""
