@@ -189,9 +189,14 @@ def _original_swin_names(sd):
 
 @pytest.mark.parametrize("name,fmt", [(PVT_B0, "timm"), (PVT_B0, "original"), (SWIN_T, "original")])
 def test_pretrained_weights_round_trip(name, fmt, tmp_path, caplog):
+    from panoptic_segformer.modeling.backbone.timm_backbone import swin_pad_then_shift_attention
+
     torch.manual_seed(123)
     kwargs = dict(strict_img_size=False, always_partition=True) if "swin" in name else {}
     src = timm.create_model(name, pretrained=False, **kwargs)  # with its ImageNet classifier
+    for m in src.modules():  # the same window order as the backbone (see the pad-before-shift test)
+        if type(m).__name__ == "SwinTransformerBlock":
+            m._attn = swin_pad_then_shift_attention.__get__(m)
     sd = src.state_dict()
     if fmt == "original":
         sd = {"model": _original_swin_names(sd)} if "swin" in name else {"state_dict": _original_pvt_names(sd)}
@@ -247,3 +252,22 @@ def test_bad_config_values_are_clear_errors():
         _build(PVT_B0, "MODEL.BACKBONE.FREEZE_AT", "6")
     with pytest.raises(ValueError, match="MODEL.TIMM.NAME.*vit_tiny_patch16_224.*no stage with stride"):
         TimmBackbone("vit_tiny_patch16_224")  # plain ViT: one stride (16), no pyramid
+
+
+def test_swin_blocks_pad_before_shifting_as_the_detection_backbone():
+    """Swin's detection code zero-pads a block's (normalised) input to whole windows *before* the
+    cyclic shift, so attention on an 11x9 map equals attention on that map zero-padded to 14x14,
+    cropped. timm's own order (roll, then pad) does not have this property."""
+    from panoptic_segformer.modeling.backbone.timm_backbone import TimmBackbone
+
+    torch.manual_seed(0)
+    backbone = TimmBackbone("swin_tiny_patch4_window7_224", drop_path_rate=0.0).eval()
+    block = backbone.model.layers[0].blocks[1]
+    assert tuple(block.shift_size) == (3, 3)
+    x = torch.randn(2, 11, 9, block.norm1.normalized_shape[0])
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 5, 0, 3))
+    with torch.no_grad():
+        out, out_padded = block._attn(x), block._attn(padded)[:, :11, :9]
+        timm_order = type(block)._attn(block, x)
+    torch.testing.assert_close(out, out_padded, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(timm_order, out_padded, atol=1e-4)

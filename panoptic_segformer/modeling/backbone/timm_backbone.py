@@ -18,9 +18,10 @@ Behaviour worth knowing:
   forward) and ``always_partition=True``: every stage keeps the 7x7 window and shifts by 3 whatever
   the feature size, as the official Swin detection backbone (and Panoptic SegFormer's copy of it)
   does; timm's default would shrink windows and drop shifts for feature maps smaller than the
-  construction-time ``img_size``. One difference remains: when a stage's feature map is not a
-  multiple of 7, timm rolls (cyclic shift) before padding to whole windows while the official code
-  pads before rolling, so the windows at the bottom/right border see slightly different neighbours.
+  construction-time ``img_size``. When a stage's feature map is not a multiple of 7, timm rolls
+  (cyclic shift) before padding to whole windows while Swin's detection code pads before rolling;
+  :func:`swin_pad_then_shift_attention` replaces timm's window attention of every Swin block with the
+  detection code's order, so converted Swin checkpoints see the windows they were trained with.
 * ``freeze_at`` follows Detectron2's ResNet meaning: 0 freezes nothing, 1 the patch embedding (all
   parameters outside the stages), k >= 2 also stages res2..res_k (timm's ``layers.0..k-2`` /
   ``stages.0..k-2``; in timm each stage starts with its own downsampling, as ResNet's res3 does).
@@ -111,6 +112,29 @@ def load_timm_weights(model: nn.Module, path: str, filter_fn=None) -> Tuple[List
     return sorted(loadable), sorted(k for k in state_dict if k not in own)
 
 
+def swin_pad_then_shift_attention(block: nn.Module, x: Tensor) -> Tensor:
+    """(Shifted-)window attention of a timm ``SwinTransformerBlock`` in the order of Swin's detection
+    backbone: zero-pad (B, H, W, C) to whole windows, then roll, partition, attend with the shift mask of
+    the padded size, merge, roll back and crop. timm's own ``_attn`` rolls before padding."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    b, h, w, c = x.shape
+    wh, ww = block.window_size
+    x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+    hp, wp = x.shape[1:3]
+    shift = tuple(block.shift_size)
+    has_shift = any(shift)
+    if has_shift:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = window_partition(x, block.window_size).view(-1, block.window_area, c)
+    mask = block.get_attn_mask(x) if has_shift else None
+    windows = block.attn(windows, mask=mask).view(-1, wh, ww, c)
+    x = window_reverse(windows, block.window_size, hp, wp)
+    if has_shift:
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
+
+
 class TimmBackbone(Backbone):
     """A timm hierarchical model as a Detectron2 backbone with outputs ``res2``..``res5``.
 
@@ -160,6 +184,9 @@ class TimmBackbone(Backbone):
         self.timm_kwargs = dict(num_classes=0, drop_path_rate=float(drop_path_rate), in_chans=in_chans,
                                 **_MODULE_KWARGS.get(module.__name__, {}))
         self.model = timm.create_model(model_name, pretrained=False, **self.timm_kwargs)
+        for m in self.model.modules():
+            if type(m).__name__ == "SwinTransformerBlock" and hasattr(m, "_attn"):
+                m._attn = swin_pad_then_shift_attention.__get__(m)
         if not hasattr(self.model, "forward_intermediates") or not hasattr(self.model, "prune_intermediate_layers"):
             raise ValueError(f"MODEL.TIMM.NAME = {model_name!r}: this timm model has no forward_intermediates")
 
