@@ -17,21 +17,28 @@ assigned to the empty set and absent stuff classes get classification loss only 
 Normalization: classification/detection terms of things are divided by the number of ground-truth things,
 thing Dice by the number of matched (query, thing) pairs, stuff terms by the number of present stuff classes,
 all summed over the batch, averaged over processes (``torch.distributed``) and clamped to >= 1 (DETR).
+
+Host-device syncs per call of :meth:`PanopticSegFormerCriterion.forward`: two, whatever the batch size and
+the number of layers -- one transfer that validates the targets (labels, stuff labels and the thing query
+index; the present stuff classes are found on the host from it), and one for all Hungarian matchings
+(:meth:`HungarianMatcher.match_many`). Everything else (normalizers, pairs, one-hot targets) stays on the
+device; small host-built tensors are copied without blocking.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from fvcore.nn import sigmoid_focal_loss
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert
 
-from .matcher import DICE_EPS, HungarianMatcher, downsample_masks, mask_mass_centers
+from .matcher import DICE_EPS, HungarianMatcher, _to_device, _to_host, downsample_masks, mask_mass_centers
 
-__all__ = ["PanopticSegFormerCriterion", "dice_loss", "mask_mass_centers"]
+__all__ = ["PanopticSegFormerCriterion", "dice_loss", "mask_mass_centers", "paired_giou_loss"]
 
 
 def dice_loss(mask_logits: Tensor, targets: Tensor, eps: float = DICE_EPS) -> Tensor:
@@ -51,6 +58,29 @@ def dice_loss(mask_logits: Tensor, targets: Tensor, eps: float = DICE_EPS) -> Te
     return 1 - 2 * (p * t).sum(-1) / (p.pow(2).sum(-1) + t.pow(2).sum(-1) + eps)
 
 
+def paired_giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """``1 - GIoU`` of paired boxes, the GIoU term of L_det (Deformable DETR).
+
+    Same values as ``torchvision.ops.generalized_box_iou_loss(..., reduction="none")``, computed with a
+    clamp instead of boolean-mask indexing: torchvision (and fvcore's ``giou_loss``) index with a mask,
+    which on a GPU is a host-device sync per call.
+
+    Args:
+        boxes1, boxes2: (P, 4) boxes (x0, y0, x1, y1).
+    Returns:
+        (P,) loss.
+    """
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = area1 + area2 - inter
+    iou = inter / (union + eps)
+    enclosing = torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])
+    area_c = enclosing[:, 0] * enclosing[:, 1]
+    return 1 - (iou - (area_c - union) / (area_c + eps))
+
+
 def _reduce_normalizers(values: Tensor) -> Tensor:
     """Average counts over processes (when distributed is initialized) and clamp to >= 1."""
     if dist.is_available() and dist.is_initialized():
@@ -58,6 +88,11 @@ def _reduce_normalizers(values: Tensor) -> Tensor:
         dist.all_reduce(values)
         values = values / dist.get_world_size()
     return values.clamp(min=1.0)
+
+
+def _host_values(values, device: torch.device) -> Tensor:
+    """float32 tensor of Python numbers on ``device``, copied without blocking (no host-device sync)."""
+    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
 
 
 def _zero_graph(*tensors: Tensor) -> Tensor:
@@ -130,7 +165,9 @@ class PanopticSegFormerCriterion(nn.Module):
         self.dynamic_things_stuff_weight = bool(dynamic_things_stuff_weight)
 
     # ------------------------------------------------------------------ targets
-    def things_stuff_weights(self, targets: List[Dict[str, Tensor]]) -> Tuple[Tensor, Tensor]:
+    def things_stuff_weights(
+        self, targets: List[Dict[str, Tensor]], num_stuff_present: Sequence[int] = None
+    ) -> Tuple[Tensor, Tensor]:
         """Per-image lambda_things and lambda_stuff of Eq. 3 (App. A.1: set from the relative proportion of
         things and stuff in each image, summing to 1).
 
@@ -140,6 +177,11 @@ class PanopticSegFormerCriterion(nn.Module):
         annotated segment gets 1/2 and 1/2, so it still trains every thing query towards "no object" and every
         stuff query as a negative (a zero weight would make such images no-ops). With ``dynamic_things_stuff_weight=False`` both are 1 for every image.
 
+        Args:
+            targets: as in :meth:`forward`.
+            num_stuff_present: optional per-image ``n_st`` when the caller knows it (no host-device sync);
+                otherwise it is counted with ``torch.unique`` (one sync per image on a GPU).
+
         Returns:
             two (N,) float32 tensors (on the device of ``targets[0]["labels"]``, CPU for an empty batch).
         """
@@ -147,11 +189,12 @@ class PanopticSegFormerCriterion(nn.Module):
         n = len(targets)
         if not self.dynamic_things_stuff_weight:
             return torch.ones(n, device=device), torch.ones(n, device=device)
-        n_th = torch.tensor([float(t["labels"].numel()) for t in targets], device=device)
-        n_st = torch.tensor(
-            [float(torch.unique(t["stuff_labels"]).numel()) if "stuff_labels" in t else 0.0 for t in targets],
-            device=device,
-        )
+        n_th = _host_values([float(t["labels"].numel()) for t in targets], device)
+        if num_stuff_present is None:
+            num_stuff_present = [
+                torch.unique(t["stuff_labels"]).numel() if "stuff_labels" in t else 0 for t in targets
+            ]
+        n_st = _host_values([float(c) for c in num_stuff_present], device)
         total = n_th + n_st
         safe = total.clamp(min=1.0)
         return torch.where(total > 0, n_th / safe, 0.5), torch.where(total > 0, n_st / safe, 0.5)
@@ -164,9 +207,21 @@ class PanopticSegFormerCriterion(nn.Module):
         Returns per image: ``"labels"`` (M,) long; ``"boxes"`` (M, 4) float (box-based) or ``"centers"``
         (M, 2) mass centres (box-free, from the full-resolution masks); ``"masks"`` (M, h, w) area-downsampled
         soft masks; ``"stuff_classes"`` (S,) sorted distinct present stuff classes and ``"stuff_masks"``
-        (S, h, w) their soft masks (segments of one class are merged).
+        (S, h, w) their soft masks (segments of one class are merged). One host-device sync in all.
         """
-        prepared = []
+        return self._prepare_targets(targets, mask_size, device)
+
+    def _prepare_targets(
+        self,
+        targets: List[Dict[str, Tensor]],
+        mask_size: Sequence[int],
+        device: torch.device,
+        thing_query_index: Tensor = None,
+        num_queries: int = 0,
+    ) -> List[Dict[str, Tensor]]:
+        """:meth:`prepare_targets`, also checking that ``thing_query_index`` lies in ``[0, num_queries)``
+        in the same single host transfer."""
+        stuff = []
         for i, t in enumerate(targets):
             for key in ("labels", "masks", "image_size"):
                 if key not in t:
@@ -179,22 +234,13 @@ class PanopticSegFormerCriterion(nn.Module):
             num = labels.numel()
             if masks.dim() != 3 or masks.shape[0] != num:
                 raise ValueError(f"targets[{i}]['masks'] must be ({num}, Hp, Wp), got {tuple(masks.shape)}")
-            if num and (int(labels.min()) < 0 or int(labels.max()) >= self.num_thing_classes):
-                raise ValueError(
-                    f"targets[{i}]['labels'] must lie in [0, {self.num_thing_classes}), got "
-                    f"[{int(labels.min())}, {int(labels.max())}]"
-                )
-            out = {"labels": labels.to(device), "masks": downsample_masks(masks.to(device), mask_size)}
-            if self.box_free:
-                out["centers"] = mask_mass_centers(masks.to(device), t["image_size"])
-            else:
+            if not self.box_free:
                 boxes = t.get("boxes")
                 if boxes is None or boxes.shape != (num, 4):
                     raise ValueError(
                         f"targets[{i}]['boxes'] must be ({num}, 4), got "
                         f"{None if boxes is None else tuple(boxes.shape)}"
                     )
-                out["boxes"] = boxes.to(device).float()
             stuff_labels = t.get("stuff_labels", labels.new_zeros(0))
             stuff_masks = t.get("stuff_masks", masks.new_zeros((0, *masks.shape[-2:])))
             if stuff_labels.dim() != 1 or stuff_labels.dtype != torch.long:
@@ -207,15 +253,46 @@ class PanopticSegFormerCriterion(nn.Module):
                     f"targets[{i}]['stuff_masks'] must be ({stuff_labels.numel()}, Hp, Wp), got "
                     f"{tuple(stuff_masks.shape)}"
                 )
-            if stuff_labels.numel() and (
-                int(stuff_labels.min()) < 0 or int(stuff_labels.max()) >= self.num_stuff_classes
-            ):
+            stuff.append((stuff_labels, stuff_masks))
+
+        # The one host transfer: the (small) label vectors of every image and the query-index range.
+        extra = []
+        if thing_query_index is not None and thing_query_index.numel():
+            extra = [torch.stack(torch.aminmax(thing_query_index))]
+        host = _to_host([t["labels"] for t in targets] + [sl for sl, _ in stuff] + extra)
+        n = len(targets)
+        if extra:
+            lo, hi = host[-1]
+            if lo < 0 or hi >= num_queries:
+                raise ValueError(f"thing_query_index must lie in [0, {num_queries}), got [{int(lo)}, {int(hi)}]")
+        classes_host, inverse_host = [], []
+        for i in range(n):
+            labels_h, stuff_h = host[i], host[n + i]
+            if labels_h.size and (labels_h.min() < 0 or labels_h.max() >= self.num_thing_classes):
+                raise ValueError(
+                    f"targets[{i}]['labels'] must lie in [0, {self.num_thing_classes}), got "
+                    f"[{int(labels_h.min())}, {int(labels_h.max())}]"
+                )
+            if stuff_h.size and (stuff_h.min() < 0 or stuff_h.max() >= self.num_stuff_classes):
                 raise ValueError(
                     f"targets[{i}]['stuff_labels'] must lie in [0, {self.num_stuff_classes}), got "
-                    f"[{int(stuff_labels.min())}, {int(stuff_labels.max())}]"
+                    f"[{int(stuff_h.min())}, {int(stuff_h.max())}]"
                 )
-            classes, inverse = torch.unique(stuff_labels.to(device), sorted=True, return_inverse=True)
-            small = downsample_masks(stuff_masks.to(device), mask_size)
+            classes, inverse = np.unique(stuff_h.astype(np.int64), return_inverse=True)
+            classes_host.append(classes)
+            inverse_host.append(inverse.reshape(-1))
+        on_device = _to_device(classes_host + inverse_host, device)
+
+        prepared = []
+        for i, t in enumerate(targets):
+            labels, masks = t["labels"], t["masks"]
+            out = {"labels": labels.to(device), "masks": downsample_masks(masks.to(device), mask_size)}
+            if self.box_free:
+                out["centers"] = mask_mass_centers(masks.to(device), t["image_size"])
+            else:
+                out["boxes"] = t["boxes"].to(device).float()
+            classes, inverse = on_device[i], on_device[n + i]
+            small = downsample_masks(stuff[i][1].to(device), mask_size)
             merged = small.new_zeros((classes.numel(), *small.shape[-2:]))
             merged.index_add_(0, inverse, small)
             out["stuff_classes"] = classes
@@ -291,18 +368,13 @@ class PanopticSegFormerCriterion(nn.Module):
                 f"thing_query_index must be ({batch}, {num_thing_queries}) long, "
                 f"got {tuple(index.shape)} {index.dtype}"
             )
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= q_all):
-            raise ValueError(f"thing_query_index must lie in [0, {q_all})")
+        # Its value range was checked by _prepare_targets (in the transfer that validates the targets).
         return torch.gather(boxes_last, 1, index[..., None].expand(-1, -1, boxes_last.shape[-1]))
 
     # ------------------------------------------------------------------ matching
-    def _match_things_prepared(
-        self,
-        outputs: Dict,
-        prepared: List[Dict[str, Tensor]],
-        boxes_list: List[Tensor],
-        mask_layers: List[Dict],
-    ) -> List[Tuple[Tensor, Tensor]]:
+    def _thing_match_inputs(self, outputs: Dict, boxes_list: List[Tensor], mask_layers: List[Dict]) -> Dict:
+        """Matcher inputs of the single thing assignment of Eq. 4: the last mask-decoder layer's classes and
+        masks, and the final location-decoder boxes of the queries fed to the mask decoder."""
         last = mask_layers[-1]
         num_thing_queries = last["thing_logits"].shape[1]
         match_inputs = {
@@ -313,7 +385,7 @@ class PanopticSegFormerCriterion(nn.Module):
             match_inputs["pred_boxes"] = self._thing_query_boxes(
                 outputs, boxes_list[-1].detach(), num_thing_queries
             )
-        return self.matcher(match_inputs, prepared)
+        return match_inputs
 
     def match_things(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
         """The single thing assignment of Eq. 4 used by every mask-decoder layer.
@@ -324,8 +396,16 @@ class PanopticSegFormerCriterion(nn.Module):
         """
         logits_list, boxes_list, mask_layers = self._check_outputs(outputs, len(targets))
         pm = mask_layers[-1]["pred_masks"]
-        prepared = self.prepare_targets(targets, pm.shape[-2:], pm.device)
-        return self._match_things_prepared(outputs, prepared, boxes_list, mask_layers)
+        prepared = self._prepare_targets(targets, pm.shape[-2:], pm.device, *self._index_check(outputs, boxes_list))
+        return self.matcher.match_many([self._thing_match_inputs(outputs, boxes_list, mask_layers)], prepared)[0]
+
+    @staticmethod
+    def _index_check(outputs: Dict, boxes_list: List[Tensor]) -> Tuple:
+        """(thing_query_index, Q_all) to validate in :meth:`_prepare_targets`, or () without an index."""
+        index = outputs.get("thing_query_index")
+        if index is None or not boxes_list:
+            return ()
+        return index, boxes_list[-1].shape[1]
 
     # ------------------------------------------------------------------ losses
     def _focal_per_image(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -334,18 +414,20 @@ class PanopticSegFormerCriterion(nn.Module):
         return loss.flatten(1).sum(-1)
 
     @staticmethod
-    def _pairs(indices: List[Tuple[Tensor, Tensor]], device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    def _pairs(
+        indices: List[Tuple[Tensor, Tensor]], prepared: List[Dict[str, Tensor]], device: torch.device
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Matched pairs of the batch: (P,) image, query and ground-truth indices and the (P,) thing labels."""
         batch_idx = torch.cat([torch.full_like(q, n) for n, (q, _) in enumerate(indices)]).to(device)
         query_idx = torch.cat([q for q, _ in indices]).to(device)
         gt_idx = torch.cat([g for _, g in indices]).to(device)
-        return batch_idx, query_idx, gt_idx
+        labels = torch.cat([p["labels"][g.to(device)] for p, (_, g) in zip(prepared, indices)])
+        return batch_idx, query_idx, gt_idx, labels
 
-    def _one_hot_targets(
-        self, shape: Tuple[int, ...], prepared, batch_idx, query_idx, gt_idx, device
-    ) -> Tensor:
+    @staticmethod
+    def _one_hot_targets(shape: Tuple[int, ...], batch_idx, query_idx, labels, device) -> Tensor:
         target = torch.zeros(shape, device=device)
         if batch_idx.numel():
-            labels = torch.cat([prepared[n]["labels"][gt_idx[batch_idx == n]] for n in range(len(prepared))])
             target[batch_idx, query_idx, labels] = 1.0
         return target
 
@@ -372,24 +454,31 @@ class PanopticSegFormerCriterion(nn.Module):
         num_thing_queries = mask_layers[-1]["thing_logits"].shape[1]
         losses: Dict[str, Tensor] = {}
         with torch.autocast(device_type=device.type, enabled=False):
-            prepared = self.prepare_targets(targets, last_masks.shape[-2:], device)
-            lam_things, lam_stuff = (w.to(device) for w in self.things_stuff_weights(targets))
+            prepared = self._prepare_targets(
+                targets, last_masks.shape[-2:], device, *self._index_check(outputs, boxes_list)
+            )  # host-device sync 1 of 2
+            lam_things, lam_stuff = (
+                w.to(device)
+                for w in self.things_stuff_weights(targets, [p["stuff_classes"].numel() for p in prepared])
+            )
 
             det_layers = range(len(logits_list)) if self.deep_supervision else range(len(logits_list))[-1:]
-            det_indices = {
-                l: self.matcher(
-                    {"pred_logits": logits_list[l].detach(), "pred_boxes": boxes_list[l].detach()}, prepared
-                )
-                for l in det_layers
-            }
-            thing_indices = self._match_things_prepared(outputs, prepared, boxes_list, mask_layers)
-            counts = torch.tensor(
+            # Every matching of the step (each supervised location-decoder layer, then the thing assignment
+            # of Eq. 4) in one call: host-device sync 2 of 2.
+            matches = self.matcher.match_many(
+                [{"pred_logits": logits_list[l].detach(), "pred_boxes": boxes_list[l].detach()} for l in det_layers]
+                + [self._thing_match_inputs(outputs, boxes_list, mask_layers)],
+                prepared,
+            )
+            det_indices = dict(zip(det_layers, matches[:-1]))
+            thing_indices = matches[-1]
+            counts = _host_values(
                 [
                     float(sum(p["labels"].numel() for p in prepared)),
                     float(sum(p["stuff_classes"].numel() for p in prepared)),
                     float(sum(q.numel() for q, _ in thing_indices)),
                 ],
-                device=device,
+                device,
             )
             num_things, num_stuff, num_matched = _reduce_normalizers(counts).unbind()
 
@@ -402,7 +491,9 @@ class PanopticSegFormerCriterion(nn.Module):
                 )
 
             # Mask-decoder things (Eq. 4) and stuff (Eq. 5) with deep supervision.
-            thing_pairs = self._pairs(thing_indices, device)
+            thing_pairs = self._pairs(thing_indices, prepared, device)
+            # Ground-truth masks of the matched pairs: the same for every mask-decoder layer.
+            thing_targets = torch.cat([p["masks"][g.to(device)] for p, (_, g) in zip(prepared, thing_indices)])
             mask_ids = range(len(mask_layers)) if self.deep_supervision else range(len(mask_layers))[-1:]
             for i in mask_ids:
                 layer = mask_layers[i]
@@ -411,7 +502,7 @@ class PanopticSegFormerCriterion(nn.Module):
                         i,
                         layer,
                         thing_pairs,
-                        prepared,
+                        thing_targets,
                         lam_things,
                         num_things,
                         num_matched,
@@ -424,8 +515,8 @@ class PanopticSegFormerCriterion(nn.Module):
 
     def _det_losses(self, l, logits, boxes, indices, prepared, lam_things, num_things) -> Dict[str, Tensor]:
         device = logits.device
-        b, q, g = self._pairs(indices, device)
-        target = self._one_hot_targets(tuple(logits.shape), prepared, b, q, g, device)
+        b, q, _, labels = self._pairs(indices, prepared, device)
+        target = self._one_hot_targets(tuple(logits.shape), b, q, labels, device)
         cls = (self._focal_per_image(logits, target) * lam_things).sum() / num_things
         w = self.loss_weight_det
         out = {f"loss_det_cls_{l}": w * self.det_weight_class * cls}
@@ -439,25 +530,22 @@ class PanopticSegFormerCriterion(nn.Module):
         else:
             tgt = torch.cat([p["boxes"][gt_idx] for p, (_, gt_idx) in zip(prepared, indices)]).to(device)
             l1 = ((src - tgt).abs().sum(-1) * pair_w).sum() / num_things
-            giou = generalized_box_iou_loss(
-                box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="none"
-            )
+            giou = paired_giou_loss(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
             giou = (giou * pair_w).sum() / num_things
             out[f"loss_det_bbox_{l}"] = w * self.det_weight_bbox * l1 + keep
             out[f"loss_det_giou_{l}"] = w * self.det_weight_giou * giou + keep
         return out
 
     def _thing_losses(
-        self, i, layer, pairs, prepared, lam_things, num_things, num_matched, num_thing_queries
+        self, i, layer, pairs, target_masks, lam_things, num_things, num_matched, num_thing_queries
     ) -> Dict[str, Tensor]:
-        b, q, g = pairs
+        b, q, _, labels = pairs
         logits = layer["thing_logits"]
-        target = self._one_hot_targets(tuple(logits.shape), prepared, b, q, g, logits.device)
+        target = self._one_hot_targets(tuple(logits.shape), b, q, labels, logits.device)
         cls = (self._focal_per_image(logits, target) * lam_things).sum() / num_things
         thing_masks = layer["pred_masks"][:, :num_thing_queries]
         if b.numel():
-            tgt = torch.cat([prepared[n]["masks"][g[b == n]] for n in range(len(prepared))])
-            seg = (dice_loss(thing_masks[b, q], tgt) * lam_things[b]).sum() / num_matched
+            seg = (dice_loss(thing_masks[b, q], target_masks) * lam_things[b]).sum() / num_matched
         else:
             seg = thing_masks.new_zeros((), dtype=torch.float32)
         return {

@@ -7,7 +7,7 @@ Deformable DETR [12].
 """
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,10 @@ def get_reference_points(
     Returns:
         (N, S, L, 2) normalized (x, y) reference points, ``S = sum_l H_l * W_l``.
     """
-    sizes = torch.as_tensor(spatial_shapes).tolist()
+    if isinstance(spatial_shapes, Tensor):
+        sizes = spatial_shapes.tolist()  # a host-device sync for a CUDA tensor; the encoder passes a list
+    else:
+        sizes = [(int(h), int(w)) for h, w in spatial_shapes]
     if valid_ratios.dim() != 3 or valid_ratios.shape[1:] != (len(sizes), 2):
         raise ValueError(
             f"valid_ratios must have shape (N, {len(sizes)}, 2) for {len(sizes)} levels, "
@@ -180,6 +183,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Optional[Tensor] = None,
+        spatial_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Tensor:
         """
         Args:
@@ -188,11 +192,14 @@ class DeformableTransformerEncoderLayer(nn.Module):
             reference_points: (N, S, L, 2) normalized (x, y).
             spatial_shapes: (L, 2) int64; level_start_index: (L,) int64.
             padding_mask: optional (N, S) bool, True at padding.
+            spatial_sizes: optional Python (H_l, W_l) per level, the values of ``spatial_shapes``
+                (then no host-device sync, see :class:`MSDeformAttn`).
 
         Returns:
             (N, S, C)
         """
-        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
+                              spatial_sizes=spatial_sizes)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(src2))
@@ -203,7 +210,9 @@ class EncoderOutput(NamedTuple):
 
     memory: (N, S, C) refined tokens; spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,)
     int64; valid_ratios: (N, L, 2) as (w_ratio, h_ratio); padding_mask: (N, S) bool, True at padding;
-    pos: (N, S, C) sine positional + level embedding (for keys in later decoders).
+    pos: (N, S, C) sine positional + level embedding (for keys in later decoders);
+    spatial_sizes: the same (H_l, W_l) as Python ints, so that later modules need not read
+    ``spatial_shapes`` back from the device (a host-device sync on a GPU).
     """
 
     memory: Tensor
@@ -212,6 +221,7 @@ class EncoderOutput(NamedTuple):
     valid_ratios: Tensor
     padding_mask: Tensor
     pos: Tensor
+    spatial_sizes: Optional[Tuple[Tuple[int, int], ...]] = None
 
 
 class DeformableTransformerEncoder(nn.Module):
@@ -269,6 +279,9 @@ class DeformableTransformerEncoder(nn.Module):
 
         Returns:
             EncoderOutput with memory (N, S, C), ``S = sum_l H_l * W_l``.
+
+        The forward pass makes no host-device sync: level sizes come from the tensors' shapes, and the
+        (L, 2) ``spatial_shapes`` tensor is copied to the device without blocking.
         """
         L = self.n_levels
         if not (len(srcs) == len(masks) == len(pos_embeds) == L):
@@ -288,7 +301,7 @@ class DeformableTransformerEncoder(nn.Module):
                 )
             if pos.shape != src.shape:
                 raise ValueError(f"pos_embeds[{lvl}] must have shape {tuple(src.shape)}, got {tuple(pos.shape)}")
-            shapes.append((h, w))
+            shapes.append((int(h), int(w)))
             src_flatten.append(src.flatten(2).transpose(1, 2))  # (N, H*W, C)
             mask_flatten.append(mask.flatten(1))  # (N, H*W)
             pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1).to(pos.dtype))
@@ -296,11 +309,14 @@ class DeformableTransformerEncoder(nn.Module):
         memory = torch.cat(src_flatten, 1)
         padding_mask = torch.cat(mask_flatten, 1)
         pos = torch.cat(pos_flatten, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        # From pageable host memory, a non-blocking copy is staged at once and does not wait for the device.
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(device, non_blocking=True)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([get_valid_ratio(m, dtype=memory.dtype) for m in masks], 1)  # (N, L, 2)
 
         reference_points = get_reference_points(shapes, valid_ratios, device=device)
         for layer in self.layers:
-            memory = layer(memory, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
-        return EncoderOutput(memory, spatial_shapes, level_start_index, valid_ratios, padding_mask, pos)
+            memory = layer(memory, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
+                           spatial_sizes=shapes)
+        return EncoderOutput(memory, spatial_shapes, level_start_index, valid_ratios, padding_mask, pos,
+                             tuple(shapes))

@@ -12,14 +12,14 @@ Shapes: ``N`` batch, ``Q`` thing queries, ``C`` channels (d_model), ``S`` tokens
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mask_decoder import check_multiscale_inputs, focal_prior_bias
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, check_level_tensors
 
 __all__ = [
     "MLP",
@@ -107,12 +107,15 @@ class LocationDecoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Optional[Tensor] = None,
+        spatial_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Tensor:
         """
         Args:
             tgt: (N, Q, C) thing queries; query_pos: (N, Q, C).
             reference_points: (N, Q, L, 2) or (N, Q, L, 4), normalized and already scaled by valid ratios.
             memory: (N, S, C); spatial_shapes: (L, 2); level_start_index: (L,); padding_mask: (N, S) or None.
+            spatial_sizes: optional Python (H_l, W_l) per level, the values of ``spatial_shapes`` (then
+                no host-device sync, see :class:`MSDeformAttn`).
         Returns:
             (N, Q, C) refined thing queries.
         """
@@ -121,7 +124,8 @@ class LocationDecoderLayer(nn.Module):
         tgt = self.norm_sa(tgt + self.dropout_sa(tgt2))
 
         tgt2 = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask,
+            spatial_sizes=spatial_sizes,
         )
         tgt = self.norm_ca(tgt + self.dropout_ca(tgt2))
 
@@ -200,6 +204,7 @@ class LocationDecoder(nn.Module):
         level_start_index: Tensor,
         valid_ratios: Tensor,
         padding_mask: Optional[Tensor] = None,
+        spatial_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Dict[str, object]:
         """
         Args:
@@ -207,6 +212,11 @@ class LocationDecoder(nn.Module):
             spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,).
             valid_ratios: (N, L, 2) (w, h) fraction of each level that is not padding.
             padding_mask: (N, S) bool, True = padding, or None.
+            spatial_sizes: optional Python (H_l, W_l) per level, the values of ``spatial_shapes``
+                (``EncoderOutput.spatial_sizes``). Given, the forward pass makes no host-device sync
+                (the tensors' values are trusted); otherwise ``spatial_shapes`` and
+                ``level_start_index`` are read and checked once per forward (two syncs on a GPU,
+                whatever the number of layers).
         Returns a dict:
             "queries": (N, Q, C) location-aware thing queries of the last layer (tgt if num_layers == 0).
             "query_pos": (N, Q, C) their positional queries.
@@ -217,9 +227,12 @@ class LocationDecoder(nn.Module):
                 (unscaled, (N, Q, 2) then (N, Q, box_dim)) followed by the final refined ones; all but the
                 first are detached.
         """
-        check_multiscale_inputs(
-            memory, spatial_shapes, level_start_index, padding_mask, self.d_model, self.n_levels
-        )
+        if spatial_sizes is None:
+            spatial_sizes = check_multiscale_inputs(
+                memory, spatial_shapes, level_start_index, padding_mask, self.d_model, self.n_levels
+            )
+        else:
+            self._check_inputs_with_sizes(memory, spatial_shapes, level_start_index, padding_mask, spatial_sizes)
         n = memory.shape[0]
         if valid_ratios.shape != (n, self.n_levels, 2):
             raise ValueError(
@@ -241,7 +254,8 @@ class LocationDecoder(nn.Module):
                 ratios = valid_ratios
             reference_input = reference[:, :, None] * ratios[:, None]  # (N, Q, L, 2|4)
             output = layer(
-                output, query_pos, reference_input, memory, spatial_shapes, level_start_index, padding_mask
+                output, query_pos, reference_input, memory, spatial_shapes, level_start_index, padding_mask,
+                spatial_sizes=spatial_sizes,
             )
             delta = self.bbox_embed[lid](output)
             if delta.shape[-1] == reference.shape[-1]:  # (cx,cy,w,h) after layer 0, or box-free centres
@@ -259,3 +273,21 @@ class LocationDecoder(nn.Module):
             "pred_boxes": pred_boxes,
             "reference_points": references,
         }
+
+    def _check_inputs_with_sizes(self, memory, spatial_shapes, level_start_index, padding_mask, spatial_sizes):
+        """Shape checks against Python level sizes: metadata only, no host-device sync."""
+        if memory.dim() != 3 or memory.shape[-1] != self.d_model:
+            raise ValueError(f"memory must be (N, S, {self.d_model}), got {tuple(memory.shape)}")
+        check_level_tensors(spatial_shapes, level_start_index, self.n_levels)
+        if len(spatial_sizes) != self.n_levels:
+            raise ValueError(f"spatial_sizes must hold {self.n_levels} (H, W) pairs, got {spatial_sizes}")
+        total = sum(int(h) * int(w) for h, w in spatial_sizes)
+        if total != memory.shape[1]:
+            raise ValueError(
+                f"memory has S={memory.shape[1]} tokens but spatial_sizes {list(spatial_sizes)} sum to {total}"
+            )
+        if padding_mask is not None and (padding_mask.shape != memory.shape[:2] or padding_mask.dtype != torch.bool):
+            raise ValueError(
+                f"padding_mask must be bool (N, S)={tuple(memory.shape[:2])}, "
+                f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+            )

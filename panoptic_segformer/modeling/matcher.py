@@ -13,12 +13,18 @@ the classification, detection and segmentation costs (Sec. 3.4):
 Any of the three parts may be absent (the location decoder has no masks; a model without location-decoder
 layers has no boxes). Query filtering (App. B.2) runs several rounds of this matching on the location
 decoder's final outputs; see :func:`multi_round_match` and :func:`select_thing_queries`.
+
+Host-device syncs: scipy's Hungarian solver runs on the host, so the cost matrices must be copied there.
+:meth:`HungarianMatcher.match_many`, :meth:`HungarianMatcher.forward` and :func:`multi_round_match` copy all
+cost matrices of a call (every image, every matching, and the label ranges that validate the targets) in ONE
+device-to-host transfer, solve, and send all assignments back in one non-blocking host-to-device copy.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -139,13 +145,55 @@ def _sanitize(cost: Tensor) -> Tensor:
     return torch.nan_to_num(cost, nan=_COST_LIMIT, posinf=_COST_LIMIT, neginf=-_COST_LIMIT)
 
 
-def _solve(cost: Tensor) -> Tuple[Tensor, Tensor]:
-    """Minimum-cost bipartite assignment of a (Q, M) cost matrix (scipy ``linear_sum_assignment``)."""
-    rows, cols = linear_sum_assignment(_sanitize(cost).detach().cpu().double().numpy())
-    return (
-        torch.as_tensor(rows, dtype=torch.long, device=cost.device),
-        torch.as_tensor(cols, dtype=torch.long, device=cost.device),
-    )
+def _to_host(tensors: Sequence[Tensor]) -> List[np.ndarray]:
+    """float64 numpy copies of several tensors in ONE device-to-host transfer per device (nothing is
+    transferred when they are all empty)."""
+    out: List[Optional[np.ndarray]] = [None] * len(tensors)
+    groups: Dict[torch.device, List[int]] = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(k)
+    for ks in groups.values():
+        parts = [tensors[k].detach().reshape(-1).double() for k in ks]
+        if sum(p.numel() for p in parts):
+            flat = torch.cat(parts).cpu().numpy()  # the transfer (a no-op copy on the CPU)
+        else:
+            flat = np.zeros(0)
+        start = 0
+        for k, p in zip(ks, parts):
+            out[k] = flat[start:start + p.numel()].reshape(tuple(tensors[k].shape))
+            start += p.numel()
+    return out
+
+
+def _to_device(arrays: Sequence[np.ndarray], device: torch.device) -> List[Tensor]:
+    """int64 tensors on ``device`` from host arrays in one non-blocking host-to-device copy (from pageable
+    memory it is staged at once and does not wait for the device)."""
+    if not arrays:
+        return []
+    flat = torch.as_tensor(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
+    return list(flat.to(device, non_blocking=True).split([int(np.size(a)) for a in arrays]))
+
+
+def _label_range(labels: Tensor) -> Tensor:
+    """(2,) float64 (min, max) of a non-empty label vector, on its device (read later in one transfer)."""
+    lo, hi = torch.aminmax(labels)
+    return torch.stack([lo, hi]).double()
+
+
+def _raise_on_bad_labels(checks: Sequence[Tuple[int, int]], ranges: Sequence[np.ndarray]) -> None:
+    """``checks[k] = (image index, number of classes)`` of the host ``ranges[k] = (min, max)``."""
+    for (image, num_classes), (lo, hi) in zip(checks, ranges):
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"targets[{image}]['labels'] must lie in [0, {num_classes}), got [{int(lo)}, {int(hi)}]"
+            )
+
+
+def _solve(cost) -> Tuple[np.ndarray, np.ndarray]:
+    """Minimum-cost bipartite assignment of a (Q, M) host cost matrix (scipy ``linear_sum_assignment``)."""
+    if isinstance(cost, Tensor):
+        cost = _sanitize(cost).detach().cpu().double().numpy()
+    return linear_sum_assignment(cost)
 
 
 class HungarianMatcher(nn.Module):
@@ -207,6 +255,7 @@ class HungarianMatcher(nn.Module):
         pred_logits: Optional[Tensor] = None,
         pred_boxes: Optional[Tensor] = None,
         pred_masks: Optional[Tensor] = None,
+        check_labels: bool = True,
     ) -> Tensor:
         """Matching cost of one image.
 
@@ -217,6 +266,9 @@ class HungarianMatcher(nn.Module):
             pred_logits: (Q, K) class logits, or None.
             pred_boxes: (Q, 4) normalized cxcywh boxes, or (Q, 2) centres when box-free, or None.
             pred_masks: (Q, h, w) mask logits, or None.
+            check_labels: check that the labels lie in ``[0, K)`` (one host-device sync). With False the
+                caller checks them (:meth:`match_many` folds the check into its single transfer); labels
+                out of range are clamped for indexing and give a meaningless cost.
         Returns:
             (Q, M) float32 cost (detached).
         """
@@ -241,13 +293,17 @@ class HungarianMatcher(nn.Module):
             if pred_logits is not None and self.cost_class != 0:
                 if pred_logits.dim() != 2:
                     raise ValueError(f"pred_logits must be (Q, K), got shape {tuple(pred_logits.shape)}")
-                if int(labels.min()) < 0 or int(labels.max()) >= pred_logits.shape[1]:
-                    raise ValueError(
-                        f"target['labels'] must lie in [0, {pred_logits.shape[1]}), got "
-                        f"[{int(labels.min())}, {int(labels.max())}]"
-                    )
+                if check_labels:
+                    lo, hi = _label_range(labels).tolist()
+                    if lo < 0 or hi >= pred_logits.shape[1]:
+                        raise ValueError(
+                            f"target['labels'] must lie in [0, {pred_logits.shape[1]}), got [{int(lo)}, {int(hi)}]"
+                        )
+                    safe_labels = labels.to(device)
+                else:
+                    safe_labels = labels.to(device).clamp(0, max(pred_logits.shape[1] - 1, 0))
                 cost += self.cost_class * focal_class_cost(
-                    pred_logits, labels.to(device), self.focal_alpha, self.focal_gamma
+                    pred_logits, safe_labels, self.focal_alpha, self.focal_gamma
                 )
             if pred_boxes is not None:
                 if pred_boxes.dim() != 2 or pred_boxes.shape[1] != self.loc_dim:
@@ -281,11 +337,64 @@ class HungarianMatcher(nn.Module):
                 cost += self.cost_mask * pairwise_dice_cost(pred_masks, tgt_masks)
         return _sanitize(cost)
 
+    def _predictions(self, outputs: Dict[str, Tensor], batch: Optional[int]) -> Dict[str, Optional[Tensor]]:
+        preds = {k: outputs.get(k) for k in ("pred_logits", "pred_boxes", "pred_masks")}
+        present = {k: v for k, v in preds.items() if v is not None}
+        if not present:
+            raise ValueError("outputs must hold at least one of 'pred_logits', 'pred_boxes', 'pred_masks'")
+        size = next(iter(present.values())).shape[0]
+        for k, v in present.items():
+            if v.shape[0] != size:
+                raise ValueError(f"outputs['{k}'] has batch {v.shape[0]}, expected {size}")
+        if batch is not None and size != batch:
+            raise ValueError(f"got {batch} targets for a batch of {size} predictions")
+        return preds
+
+    @torch.no_grad()
+    def match_many(
+        self, outputs_list: Sequence[Dict[str, Tensor]], targets: List[Dict[str, Tensor]]
+    ) -> List[List[Tuple[Tensor, Tensor]]]:
+        """Several matchings of the same targets (e.g. one per decoder layer) with one host-device sync.
+
+        All cost matrices, and the label ranges that validate ``targets``, are copied to the host in one
+        transfer; the assignments come back in one non-blocking copy.
+
+        Args:
+            outputs_list: dicts as in :meth:`forward`, each with batch ``len(targets)``.
+            targets: list of N dicts as in :meth:`cost_matrix`.
+        Returns:
+            per entry of ``outputs_list``, the result of :meth:`forward`.
+        """
+        costs, checks, ranges, device = [], [], [], None
+        for outputs in outputs_list:
+            preds = self._predictions(outputs, len(targets))
+            for i, target in enumerate(targets):
+                cost = self.cost_matrix(
+                    target, **{k: (v[i] if v is not None else None) for k, v in preds.items()}, check_labels=False
+                )
+                costs.append(cost)
+                device = cost.device
+                logits = preds["pred_logits"]
+                if logits is not None and self.cost_class != 0 and cost.numel():
+                    checks.append((i, logits.shape[-1]))
+                    ranges.append(_label_range(target["labels"]).to(device))
+        if not costs:
+            return [[] for _ in outputs_list]
+        host = _to_host(costs + ranges)  # the one device-to-host transfer
+        _raise_on_bad_labels(checks, host[len(costs):])
+        assignments = []
+        for cost in host[: len(costs)]:
+            assignments.extend(_solve(cost))
+        back = _to_device(assignments, device)
+        pairs = [(back[2 * k], back[2 * k + 1]) for k in range(len(costs))]
+        n = len(targets)
+        return [pairs[j * n:(j + 1) * n] for j in range(len(outputs_list))]
+
     @torch.no_grad()
     def forward(
         self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
     ) -> List[Tuple[Tensor, Tensor]]:
-        """Match a batch.
+        """Match a batch (one host-device sync, see :meth:`match_many`).
 
         Args:
             outputs: dict with any of ``"pred_logits"`` (N, Q, K), ``"pred_boxes"`` (N, Q, 4|2),
@@ -295,23 +404,8 @@ class HungarianMatcher(nn.Module):
             list of N ``(pred_idx, gt_idx)`` long tensors of equal length ``min(Q, M_i)``, ``pred_idx``
             sorted.
         """
-        preds = {k: outputs.get(k) for k in ("pred_logits", "pred_boxes", "pred_masks")}
-        present = {k: v for k, v in preds.items() if v is not None}
-        if not present:
-            raise ValueError("outputs must hold at least one of 'pred_logits', 'pred_boxes', 'pred_masks'")
-        batch = next(iter(present.values())).shape[0]
-        for k, v in present.items():
-            if v.shape[0] != batch:
-                raise ValueError(f"outputs['{k}'] has batch {v.shape[0]}, expected {batch}")
-        if len(targets) != batch:
-            raise ValueError(f"got {len(targets)} targets for a batch of {batch} predictions")
-        indices = []
-        for i, target in enumerate(targets):
-            cost = self.cost_matrix(
-                target, **{k: (v[i] if v is not None else None) for k, v in preds.items()}
-            )
-            indices.append(_solve(cost))
-        return indices
+        self._predictions(outputs, len(targets))
+        return self.match_many([outputs], targets)[0]
 
     def extra_repr(self) -> str:
         return (
@@ -368,31 +462,33 @@ def multi_round_match(
     if len(targets) != pred_logits.shape[0]:
         raise ValueError(f"got {len(targets)} targets for a batch of {pred_logits.shape[0]}")
     device = pred_logits.device
-    results = []
+    costs, checks, ranges = [], [], []
     for i, target in enumerate(targets):
-        cost = matcher.cost_matrix(target, pred_logits=pred_logits[i], pred_boxes=pred_boxes[i])
+        cost = matcher.cost_matrix(target, pred_logits=pred_logits[i], pred_boxes=pred_boxes[i], check_labels=False)
+        costs.append(cost)
+        if matcher.cost_class != 0 and cost.numel():
+            checks.append((i, pred_logits.shape[-1]))
+            ranges.append(_label_range(target["labels"]).to(device))
+    host = _to_host(costs + ranges)  # the one device-to-host transfer
+    _raise_on_bad_labels(checks, host[len(costs):])
+    per_image = []
+    for cost in host[: len(costs)]:
         num_queries, num_gt = cost.shape
-        used = torch.zeros(num_queries, dtype=torch.bool, device=device)
+        used = np.zeros(num_queries, dtype=bool)
         q_all, g_all, r_all = [], [], []
         for r in range(num_rounds):
-            available = (~used).nonzero(as_tuple=True)[0]
-            if num_gt == 0 or available.numel() == 0:
+            available = np.flatnonzero(~used)
+            if num_gt == 0 or available.size == 0:
                 break
             rows, cols = _solve(cost[available])
             q = available[rows]
             used[q] = True
             q_all.append(q)
             g_all.append(cols)
-            r_all.append(torch.full_like(q, r))
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        results.append(
-            (
-                torch.cat(q_all) if q_all else empty,
-                torch.cat(g_all) if g_all else empty,
-                torch.cat(r_all) if r_all else empty,
-            )
-        )
-    return results
+            r_all.append(np.full_like(q, r))
+        per_image.extend(np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in (q_all, g_all, r_all))
+    back = _to_device(per_image, device)
+    return [tuple(back[3 * i:3 * i + 3]) for i in range(len(targets))]
 
 
 @torch.no_grad()

@@ -18,14 +18,16 @@ otherwise. Force either with :func:`set_ms_deform_attn_impl` or the environment 
 """
 
 import math
+import numbers
 import os
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "check_level_tensors",
     "ms_deform_attn_core",
     "ms_deform_attn",
     "set_ms_deform_attn_impl",
@@ -35,20 +37,58 @@ __all__ = [
 ]
 
 
-def _level_sizes(spatial_shapes: Tensor, arg_name: str = "spatial_shapes") -> List[List[int]]:
-    """Validate ``spatial_shapes`` (L, 2) integer (H, W) and return it as a Python list."""
+def _level_sizes(spatial_shapes, arg_name: str = "spatial_shapes") -> List[List[int]]:
+    """Validate ``spatial_shapes`` (L, 2) integer (H, W) and return it as a Python list.
+
+    ``spatial_shapes`` is an integer tensor, or a sequence of Python ``(H, W)`` pairs. Reading a CUDA
+    tensor's values is a host-device sync; the modules of this package pass the Python sizes
+    (``spatial_sizes``) along with the tensor, so their forward passes never read the tensor.
+    """
     if not isinstance(spatial_shapes, Tensor):
-        spatial_shapes = torch.as_tensor(spatial_shapes)
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(
-            f"{arg_name} must have shape (L, 2) holding (H, W) per level, got {tuple(spatial_shapes.shape)}"
-        )
-    if spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
-        raise ValueError(f"{arg_name} must be an integer tensor, got dtype {spatial_shapes.dtype}")
-    sizes = spatial_shapes.tolist()
+        try:
+            pairs = [tuple(pair) for pair in spatial_shapes]
+        except TypeError:
+            pairs = None
+        if pairs is None or any(
+            len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
+            for pair in pairs
+        ):
+            raise ValueError(
+                f"{arg_name} must be an (L, 2) integer tensor or a sequence of (H, W) integer pairs, "
+                f"got {spatial_shapes!r}"
+            )
+        sizes = [[int(h), int(w)] for h, w in pairs]
+    else:
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise ValueError(
+                f"{arg_name} must have shape (L, 2) holding (H, W) per level, got {tuple(spatial_shapes.shape)}"
+            )
+        if spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
+            raise ValueError(f"{arg_name} must be an integer tensor, got dtype {spatial_shapes.dtype}")
+        sizes = spatial_shapes.tolist()  # host-device sync for a CUDA tensor
     if any(h <= 0 or w <= 0 for h, w in sizes):
         raise ValueError(f"{arg_name} must hold positive (H, W) sizes, got {sizes}")
     return sizes
+
+
+def check_level_tensors(spatial_shapes: Tensor, level_start_index: Tensor, n_levels: int, prefix: str = "") -> None:
+    """Metadata-only checks (no host-device sync) of the level tensors: ``spatial_shapes`` an (L, 2)
+    integer tensor and ``level_start_index`` an (L,) tensor, ``L = n_levels``. Raises ValueError
+    naming ``{prefix}spatial_shapes`` / ``{prefix}level_start_index``."""
+    if (
+        not isinstance(spatial_shapes, Tensor)
+        or tuple(spatial_shapes.shape) != (n_levels, 2)
+        or spatial_shapes.is_floating_point()
+        or spatial_shapes.is_complex()
+        or spatial_shapes.dtype == torch.bool
+    ):
+        desc = (f"{spatial_shapes.dtype} {tuple(spatial_shapes.shape)}" if isinstance(spatial_shapes, Tensor)
+                else type(spatial_shapes).__name__)
+        raise ValueError(f"{prefix}spatial_shapes must be an integer tensor of shape ({n_levels}, 2), got {desc}")
+    if not isinstance(level_start_index, Tensor) or tuple(level_start_index.shape) != (n_levels,):
+        desc = (tuple(level_start_index.shape) if isinstance(level_start_index, Tensor)
+                else type(level_start_index).__name__)
+        raise ValueError(f"{prefix}level_start_index must be a tensor of shape ({n_levels},), got {desc}")
 
 
 def check_sampling_shapes(N: int, M: int, L: int, sampling_locations: Tensor, attention_weights: Tensor):
@@ -95,7 +135,8 @@ def ms_deform_attn_core(
     Args:
         value: (N, S, M, D) per-head values of all levels flattened row-major and concatenated,
             ``S = sum_l H_l * W_l``.
-        spatial_shapes: (L, 2) integer, (H_l, W_l) per level.
+        spatial_shapes: (L, 2) integer, (H_l, W_l) per level: a tensor, or a sequence of Python
+            ``(H_l, W_l)`` pairs (no host-device sync to read them).
         sampling_locations: (N, Q, M, L, P, 2) normalized (x, y) in [0, 1] (values outside allowed).
         attention_weights: (N, Q, M, L, P).
 
@@ -234,6 +275,7 @@ def ms_deform_attn(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     impl: Optional[str] = None,
+    spatial_sizes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> Tensor:
     """Multi-scale deformable sampling + weighted sum ([12], Eq. 3), dispatched to
     :func:`ms_deform_attn_core` or the Triton kernel (see :func:`resolve_ms_deform_attn_impl`).
@@ -245,6 +287,9 @@ def ms_deform_attn(
         sampling_locations: (N, Q, M, L, P, 2) normalized (x, y).
         attention_weights: (N, Q, M, L, P).
         impl: optional per-call ``"auto"`` / ``"pytorch"`` / ``"triton"``.
+        spatial_sizes: optional Python ``[(H_l, W_l), ...]`` equal to ``spatial_shapes``' values; the
+            PyTorch core then reads these instead of the tensor (no host-device sync). The Triton
+            kernel reads the tensors on the device either way.
 
     Returns:
         (N, Q, M * D) in ``value.dtype``.
@@ -253,7 +298,8 @@ def ms_deform_attn(
         return _triton_module().ms_deform_attn_triton(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-    return ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights)
+    sizes = spatial_shapes if spatial_sizes is None else spatial_sizes
+    return ms_deform_attn_core(value, sizes, sampling_locations, attention_weights)
 
 
 class MSDeformAttn(nn.Module):
@@ -318,6 +364,7 @@ class MSDeformAttn(nn.Module):
         input_spatial_shapes: Tensor,
         input_level_start_index: Tensor,
         input_padding_mask: Optional[Tensor] = None,
+        spatial_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Tensor:
         """
         Args:
@@ -330,6 +377,11 @@ class MSDeformAttn(nn.Module):
             input_level_start_index: (L,) int64 start of each level in ``S`` (checked against
                 ``input_spatial_shapes``; used by the Triton kernel, unused by the pure-PyTorch core).
             input_padding_mask: optional (N, S) bool, True at padding; those values are zeroed.
+            spatial_sizes: optional Python ``[(H_l, W_l), ...]``, the values of
+                ``input_spatial_shapes`` (as :class:`DeformableTransformerEncoder` and the location
+                decoder pass them). Given, the tensors' values are trusted and never read on the host,
+                so the call makes no host-device sync; otherwise both tensors are read and checked
+                (two syncs on a GPU).
 
         Returns:
             (N, Lq, C)
@@ -342,7 +394,10 @@ class MSDeformAttn(nn.Module):
                 f"input_flatten must have shape ({N}, S, {self.d_model}), got {tuple(input_flatten.shape)}"
             )
         S = input_flatten.shape[1]
-        sizes = _level_sizes(input_spatial_shapes, "input_spatial_shapes")
+        if spatial_sizes is not None:
+            check_level_tensors(input_spatial_shapes, input_level_start_index, self.n_levels, "input_")
+        sizes = _level_sizes(input_spatial_shapes if spatial_sizes is None else spatial_sizes,
+                             "input_spatial_shapes" if spatial_sizes is None else "spatial_sizes")
         if len(sizes) != self.n_levels:
             raise ValueError(
                 f"input_spatial_shapes has {len(sizes)} levels, module was built with n_levels={self.n_levels}"
@@ -352,14 +407,15 @@ class MSDeformAttn(nn.Module):
                 f"input_flatten has S={S} tokens but input_spatial_shapes {sizes} sum to "
                 f"{sum(h * w for h, w in sizes)}"
             )
-        starts = [0]
-        for h, w in sizes[:-1]:
-            starts.append(starts[-1] + h * w)
-        if input_level_start_index.shape != (self.n_levels,) or input_level_start_index.tolist() != starts:
-            raise ValueError(
-                f"input_level_start_index must be the (L,) = ({self.n_levels},) level offsets {starts}, "
-                f"got {input_level_start_index.tolist()}"
-            )
+        if spatial_sizes is None:
+            starts = [0]
+            for h, w in sizes[:-1]:
+                starts.append(starts[-1] + h * w)
+            if input_level_start_index.shape != (self.n_levels,) or input_level_start_index.tolist() != starts:
+                raise ValueError(
+                    f"input_level_start_index must be the (L,) = ({self.n_levels},) level offsets {starts}, "
+                    f"got {input_level_start_index.tolist()}"
+                )
         if (
             reference_points.dim() != 4
             or tuple(reference_points.shape[:3]) != (N, Lq, self.n_levels)
@@ -402,6 +458,7 @@ class MSDeformAttn(nn.Module):
                 + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
             )
         output = ms_deform_attn(
-            value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights
+            value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights,
+            spatial_sizes=sizes,
         )
         return self.output_proj(output)
