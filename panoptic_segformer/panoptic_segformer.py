@@ -295,7 +295,8 @@ class PanopticSegFormer(nn.Module):
         srcs, masks, pos = self._multi_scale_inputs(images)
         enc = self.encoder(srcs, masks, pos)
         loc = self.location_decoder(
-            enc.memory, enc.spatial_shapes, enc.level_start_index, enc.valid_ratios, enc.padding_mask)
+            enc.memory, enc.spatial_shapes, enc.level_start_index, enc.valid_ratios, enc.padding_mask,
+            spatial_sizes=enc.spatial_sizes)
         queries, query_pos = loc["queries"], loc["query_pos"]
         n, q_all = queries.shape[:2]
         index = thing_pairs = None
@@ -334,7 +335,8 @@ class PanopticSegFormer(nn.Module):
         layers = self.mask_decoder(
             queries, query_pos, num_thing_queries, enc.memory[:, :s_k], enc.pos[:, :s_k],
             enc.padding_mask[:, :s_k], enc.spatial_shapes[:k], enc.level_start_index[:k],
-            num_layers=num_mask_layers, return_attention=return_attention)
+            num_layers=num_mask_layers, return_attention=return_attention,
+            spatial_sizes=None if enc.spatial_sizes is None else enc.spatial_sizes[:k])
         # Mask logits over padding (1/8 of the padded batch) are pinned to "background", so the mask
         # losses and the post-processors never see values the attention maps copied into padding.
         pad = masks[0][:, None]
@@ -360,6 +362,8 @@ class PanopticSegFormer(nn.Module):
         stuff_index = {c: i for i, c in enumerate(self.stuff_ids)}
         targets = []
         for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            thing_classes = x["instances"].gt_classes.tolist()  # mapper output, still on the host
+            stuff_classes = x["stuff"].gt_classes.tolist()
             things = x["instances"].to(self.device)
             stuff = x["stuff"].to(self.device)
 
@@ -369,15 +373,15 @@ class PanopticSegFormer(nn.Module):
                 out[:, : m.shape[1], : m.shape[2]] = m
                 return out
 
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32).to(self.device, non_blocking=True)
             thing_boxes = box_convert(things.gt_boxes.tensor, "xyxy", "cxcywh") / scale
             thing_masks = padded(things.gt_masks)
             stuff_masks = padded(stuff.gt_masks)
             if self.query_decoupling:
-                labels = torch.tensor([thing_index[int(c)] for c in things.gt_classes],
-                                      dtype=torch.long, device=self.device)
-                stuff_labels = torch.tensor([stuff_index[int(c)] for c in stuff.gt_classes],
-                                            dtype=torch.long, device=self.device)
+                labels = torch.tensor([thing_index[c] for c in thing_classes],
+                                      dtype=torch.long).to(self.device, non_blocking=True)
+                stuff_labels = torch.tensor([stuff_index[c] for c in stuff_classes],
+                                            dtype=torch.long).to(self.device, non_blocking=True)
                 targets.append({"labels": labels, "boxes": thing_boxes, "masks": thing_masks,
                                 "stuff_labels": stuff_labels, "stuff_masks": stuff_masks,
                                 "image_size": (h, w)})

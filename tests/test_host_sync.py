@@ -267,3 +267,25 @@ def test_mask_wise_merging_syncs_do_not_grow_with_queries(n):
     assert len(segments) == 8
     # Class-probability filter, candidate table, segment table (+ bincount's size read on a GPU).
     assert syncs.total == 4, syncs.by_location()
+
+
+@pytest.mark.parametrize("decoder", ["paper", "official"])
+def test_model_forward_outputs_make_no_host_sync(decoder):
+    """Backbone -> encoder -> location decoder -> mask decoder of the registered model (inference, a
+    padded batch of 2) reads nothing on the host: the level sizes travel as Python ints."""
+    from detectron2.modeling import build_model
+
+    from conftest import small_cfg
+
+    opts = () if decoder == "paper" else (
+        "MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE", "official",
+        "MODEL.PANOPTIC_SEGFORMER.NUM_FEATURE_LEVELS", "4",
+        "MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE", "location_decoder")
+    torch.manual_seed(0)
+    model = build_model(small_cfg(*opts)).eval()
+    images = model.preprocess_image([{"image": torch.rand(3, 96, 128) * 255},
+                                     {"image": torch.rand(3, 64, 100) * 255}])
+    with torch.no_grad(), HostSyncCounter() as syncs:
+        out = model.forward_outputs(images)
+    assert syncs.total == 0, syncs.by_location()
+    assert out["mask"][-1]["pred_masks"].shape[:2][0] == 2

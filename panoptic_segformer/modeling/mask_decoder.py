@@ -94,6 +94,7 @@ def check_multiscale_inputs(
     padding_mask: Optional[Tensor],
     d_model: int,
     n_levels: int,
+    spatial_sizes: Optional[Sequence[Sequence[int]]] = None,
 ) -> List[tuple]:
     """Validate the flattened multi-scale encoder tokens F (Sec. 3.2) and return ``[(H_l, W_l), ...]``.
 
@@ -102,6 +103,8 @@ def check_multiscale_inputs(
         spatial_shapes: (L, 2) int64 (H_l, W_l).
         level_start_index: (L,) start offset of each level in S.
         padding_mask: (N, S) bool, True = padding, or None.
+        spatial_sizes: optional Python ``[(H_l, W_l), ...]``, the values of ``spatial_shapes``. Given,
+            the tensors' values are trusted and never read (no host-device sync); only shapes are checked.
     Raises:
         ValueError naming the offending argument and the shapes.
     """
@@ -113,6 +116,14 @@ def check_multiscale_inputs(
         raise ValueError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
     if level_start_index.shape != (n_levels,):
         raise ValueError(f"level_start_index must be ({n_levels},), got {tuple(level_start_index.shape)}")
+    if spatial_sizes is not None:
+        shapes = [(int(h), int(w)) for h, w in spatial_sizes]
+        total = sum(h * w for h, w in shapes)
+        if len(shapes) != n_levels or total != memory.shape[1]:
+            raise ValueError(f"spatial_sizes {shapes} must give {n_levels} levels summing to "
+                             f"S={memory.shape[1]} tokens")
+        _check_padding_mask(padding_mask, memory)
+        return shapes
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     total = sum(h * w for h, w in shapes)
     if total != memory.shape[1]:
@@ -125,13 +136,17 @@ def check_multiscale_inputs(
             f"level_start_index {level_start_index.tolist()} does not match spatial_shapes {shapes} "
             f"(expected {starts})"
         )
+    _check_padding_mask(padding_mask, memory)
+    return shapes
+
+
+def _check_padding_mask(padding_mask: Optional[Tensor], memory: Tensor) -> None:
     if padding_mask is not None:
         if padding_mask.shape != memory.shape[:2] or padding_mask.dtype != torch.bool:
             raise ValueError(
                 f"padding_mask must be bool (N, S)={tuple(memory.shape[:2])}, "
                 f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
             )
-    return shapes
 
 
 class MultiHeadCrossAttentionWithMaps(nn.Module):
@@ -433,6 +448,7 @@ class MaskDecoder(nn.Module):
         level_start_index: Tensor,
         num_layers: Optional[int] = None,
         return_attention: bool = False,
+        spatial_sizes: Optional[Sequence[Sequence[int]]] = None,
     ) -> List[Dict[str, Tensor]]:
         """
         Args:
@@ -444,6 +460,7 @@ class MaskDecoder(nn.Module):
             spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,).
             num_layers: run only the first ``num_layers`` layers (Table 10); default all.
             return_attention: also return each layer's attention maps.
+            spatial_sizes: optional Python (H_l, W_l) per level (see :func:`check_multiscale_inputs`).
         Returns:
             list over the layers run of dicts with
             "thing_logits": (N, Q_th, num_thing_classes); "stuff_logits": (N, Q_st) ((N, 0) if none);
@@ -451,8 +468,12 @@ class MaskDecoder(nn.Module):
             "attention": (N, h, Q, S) pre-softmax attention maps, only if return_attention.
         """
         shapes = check_multiscale_inputs(
-            memory, spatial_shapes, level_start_index, padding_mask, self.d_model, self.n_levels
+            memory, spatial_shapes, level_start_index, padding_mask, self.d_model, self.n_levels,
+            spatial_sizes,
         )
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
         if queries.dim() != 3 or queries.shape[0] != memory.shape[0] or queries.shape[-1] != self.d_model:
             raise ValueError(
                 f"queries must be (N={memory.shape[0]}, Q, {self.d_model}), got {tuple(queries.shape)}"
@@ -480,7 +501,7 @@ class MaskDecoder(nn.Module):
             out = {
                 "thing_logits": self.thing_class_embed[lid](tgt[:, :num_thing_queries]),
                 "stuff_logits": self.stuff_class_embed[lid](tgt[:, num_thing_queries:]).squeeze(-1),
-                "pred_masks": self.mask_heads[lid](attn, shapes, level_start_index, padding_mask),
+                "pred_masks": self.mask_heads[lid](attn, shapes, starts, padding_mask),
             }
             if return_attention:
                 out["attention"] = attn

@@ -206,7 +206,8 @@ class OfficialMaskDecoder(nn.Module):
     def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int,
                 memory: Tensor, memory_pos: Optional[Tensor], padding_mask: Optional[Tensor],
                 spatial_shapes: Tensor, level_start_index: Tensor, num_layers: Optional[int] = None,
-                return_attention: bool = False) -> List[Dict[str, Tensor]]:
+                return_attention: bool = False,
+                spatial_sizes: Optional[List[Tuple[int, int]]] = None) -> List[Dict[str, Tensor]]:
         """Same arguments as :meth:`MaskDecoder.forward`; ``memory_pos`` and the thing queries'
         ``query_pos`` are not used (the official code passes none).
 
@@ -217,12 +218,13 @@ class OfficialMaskDecoder(nn.Module):
         if num_layers not in (None, self.num_layers) or return_attention:
             raise ValueError("MASK_DECODER_TYPE 'official' supports neither TEST.NUM_MASK_DECODER_LAYERS "
                              "nor returning attention maps")
-        check_multiscale_inputs(memory, spatial_shapes, level_start_index, padding_mask,
-                                self.d_model, self.n_levels)
+        shapes = check_multiscale_inputs(memory, spatial_shapes, level_start_index, padding_mask,
+                                         self.d_model, self.n_levels, spatial_sizes)
         if not 0 <= num_thing_queries <= queries.shape[1]:
             raise ValueError(f"num_thing_queries must be in [0, {queries.shape[1]}], got {num_thing_queries}")
-        shapes = _as_shapes(spatial_shapes)
-        starts = _as_starts(level_start_index)
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
         things, stuff = queries[:, :num_thing_queries], queries[:, num_thing_queries:]
         stuff_pos = None if query_pos is None else query_pos[:, num_thing_queries:]
         thing_q, thing_masks = self.thing_branch(things, None, memory, padding_mask, shapes, starts)
