@@ -5,7 +5,6 @@ The flop handles are checked against the closed-form counts of multi-scale defor
 ([12] Eq. 3: 4 bilinear MACs + 1 weighted-sum MAC per sampled value) and of the mask decoder's
 cross-attention (projections, q.k^T for the maps, and the fused attention's q.k^T and A.v).
 """
-import importlib.util
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 from panoptic_segformer.modeling.mask_decoder import MultiHeadCrossAttentionWithMaps
 from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn
 
@@ -24,15 +23,10 @@ if BENCH_DIR not in sys.path:  # the scripts import their helpers (bench_utils, 
     sys.path.insert(0, BENCH_DIR)
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-model_stats = _load("model_stats")
-train_memory = _load("train_memory")
+model_stats = load_script("projects/benchmarks/model_stats.py")
+train_memory = load_script("projects/benchmarks/train_memory.py")
 SHAPES_YAML = os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")
 TINY = ["MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "32", "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "64",
         "MODEL.PANOPTIC_SEGFORMER.NUM_THING_QUERIES", "12", "MODEL.PANOPTIC_SEGFORMER.QUERY_FILTER.NUM_QUERIES", "8",

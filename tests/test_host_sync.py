@@ -11,14 +11,12 @@ level sizes; the matcher needs one transfer per call whatever the batch and numb
 criterion two per step, query filtering one; mask-wise merging a fixed number independent of the
 number of queries. Each sync-free path is also checked to compute the same result as the checked path.
 """
-import importlib.util
-import os
 
 import pytest
 import torch
 from torchvision.ops import generalized_box_iou_loss
 
-from conftest import REPO_ROOT
+from conftest import load_script
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, paired_giou_loss
 from panoptic_segformer.modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSine
 from panoptic_segformer.modeling.location_decoder import LocationDecoder
@@ -27,15 +25,9 @@ from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn
 from panoptic_segformer.postprocessing import build_postprocessor
 
 
-def _load(relpath):
-    path = os.path.join(REPO_ROOT, relpath)
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-HostSyncCounter = _load("projects/benchmarks/host_sync.py").HostSyncCounter
+HostSyncCounter = load_script("projects/benchmarks/host_sync.py").HostSyncCounter
 
 C, HEADS, LEVELS = 32, 4, 3
 SIZES = [(12, 16), (6, 8), (3, 4)]  # padded level sizes of the batch

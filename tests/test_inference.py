@@ -6,7 +6,6 @@ Models are the small CPU `shapes` model at random initialisation (class heads si
 classes where the COCO sample is used)."""
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 import logging
@@ -25,7 +24,7 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 from scipy import ndimage
 
-from conftest import REPO_ROOT, small_cfg
+from conftest import REPO_ROOT, load_script, small_cfg
 from panoptic_segformer.data.dataset_mapper import read_image_rgb, read_panoptic_png
 from panoptic_segformer.postprocessing import (
     build_postprocessor,
@@ -43,16 +42,10 @@ SCRIPT_OPTS = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256", "DATA
 SHAPES_YAML = os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")
 
 
-def _load_script(relpath):
-    path = os.path.join(REPO_ROOT, relpath)
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-demo = _load_script("projects/demo/demo.py")
-compare = _load_script("projects/benchmarks/compare_postprocessors.py")
+demo = load_script("projects/demo/demo.py")
+compare = load_script("projects/benchmarks/compare_postprocessors.py")
 
 
 def coco_cfg(*opts):

@@ -1,5 +1,4 @@
 """projects/tools/plot_metrics.py on metrics.json files written by Detectron2's own JSONWriter."""
-import importlib.util
 import os
 
 import numpy as np
@@ -7,18 +6,12 @@ import pytest
 from detectron2.utils.events import EventStorage, JSONWriter
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import load_script
 
 
-def _load_script(relpath):
-    path = os.path.join(REPO_ROOT, relpath)
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-plot_metrics = _load_script("projects/tools/plot_metrics.py")
+plot_metrics = load_script("projects/tools/plot_metrics.py")
 
 
 def _write_run(out_dir, scale=1.0, iters=20, eval_every=10):
