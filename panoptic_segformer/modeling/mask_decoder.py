@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ms_deform_attn import level_start_offsets
+
 __all__ = [
     "focal_prior_bias",
     "check_multiscale_inputs",
@@ -128,9 +130,7 @@ def check_multiscale_inputs(
     total = sum(h * w for h, w in shapes)
     if total != memory.shape[1]:
         raise ValueError(f"memory has S={memory.shape[1]} tokens but spatial_shapes {shapes} sum to {total}")
-    starts = [0]
-    for h, w in shapes[:-1]:
-        starts.append(starts[-1] + h * w)
+    starts = level_start_offsets(shapes)
     if level_start_index.tolist() != starts:
         raise ValueError(
             f"level_start_index {level_start_index.tolist()} does not match spatial_shapes {shapes} "
@@ -175,6 +175,21 @@ class MultiHeadCrossAttentionWithMaps(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+    def attention_maps(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        query_pos: Optional[Tensor] = None,
+        memory_pos: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per-head q (N, h, Q, d), k (N, h, S, d) and the pre-softmax maps A = q k^T / sqrt(d) (N, h, Q, S)."""
+        n, q_len, _ = query.shape
+        q_in = query if query_pos is None else query + query_pos
+        k_in = memory if memory_pos is None else memory + memory_pos
+        q = self.q_proj(q_in).view(n, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(k_in).view(n, memory.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+        return q, k, torch.matmul(q * self.scale, k.transpose(-2, -1))
+
     def forward(
         self,
         query: Tensor,
@@ -194,12 +209,8 @@ class MultiHeadCrossAttentionWithMaps(nn.Module):
         """
         n, q_len, c = query.shape
         s_len = memory.shape[1]
-        q_in = query if query_pos is None else query + query_pos
-        k_in = memory if memory_pos is None else memory + memory_pos
-        q = self.q_proj(q_in).view(n, q_len, self.n_heads, self.head_dim).transpose(1, 2)  # (N,h,Q,d)
-        k = self.k_proj(k_in).view(n, s_len, self.n_heads, self.head_dim).transpose(1, 2)  # (N,h,S,d)
+        q, k, attn = self.attention_maps(query, memory, query_pos, memory_pos)
         v = self.v_proj(memory).view(n, s_len, self.n_heads, self.head_dim).transpose(1, 2)
-        attn = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (N, h, Q, S)
         attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         # Same q, k and scale as `attn`; the fused kernel avoids storing softmax weights for backward.
         out = F.scaled_dot_product_attention(
@@ -471,9 +482,7 @@ class MaskDecoder(nn.Module):
             memory, spatial_shapes, level_start_index, padding_mask, self.d_model, self.n_levels,
             spatial_sizes,
         )
-        starts = [0]
-        for h, w in shapes[:-1]:
-            starts.append(starts[-1] + h * w)
+        starts = level_start_offsets(shapes)
         if queries.dim() != 3 or queries.shape[0] != memory.shape[0] or queries.shape[-1] != self.d_model:
             raise ValueError(
                 f"queries must be (N={memory.shape[0]}, Q, {self.d_model}), got {tuple(queries.shape)}"

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "check_level_tensors",
+    "level_start_offsets",
     "ms_deform_attn_core",
     "ms_deform_attn",
     "set_ms_deform_attn_impl",
@@ -69,6 +70,14 @@ def _level_sizes(spatial_shapes, arg_name: str = "spatial_shapes") -> List[List[
     if any(h <= 0 or w <= 0 for h, w in sizes):
         raise ValueError(f"{arg_name} must hold positive (H, W) sizes, got {sizes}")
     return sizes
+
+
+def level_start_offsets(sizes: Sequence[Sequence[int]]) -> List[int]:
+    """Start offset of each level in the flattened tokens: ``[0, H_1 W_1, H_1 W_1 + H_2 W_2, ...]``."""
+    starts = [0]
+    for h, w in list(sizes)[:-1]:
+        starts.append(starts[-1] + h * w)
+    return starts
 
 
 def check_level_tensors(spatial_shapes: Tensor, level_start_index: Tensor, n_levels: int, prefix: str = "") -> None:
@@ -408,9 +417,7 @@ class MSDeformAttn(nn.Module):
                 f"{sum(h * w for h, w in sizes)}"
             )
         if spatial_sizes is None:
-            starts = [0]
-            for h, w in sizes[:-1]:
-                starts.append(starts[-1] + h * w)
+            starts = level_start_offsets(sizes)
             if input_level_start_index.shape != (self.n_levels,) or input_level_start_index.tolist() != starts:
                 raise ValueError(
                     f"input_level_start_index must be the (L,) = ({self.n_levels},) level offsets {starts}, "

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ms_deform_attn import level_start_offsets
 from .mask_decoder import (
     MultiHeadCrossAttentionWithMaps,
     _as_shapes,
@@ -123,17 +124,12 @@ class OfficialMaskDecoderLayer(nn.Module):
         Returns:
             (N, Q, C) refined queries (None for the tail) and (N, Q, H_1, W_1) masks.
         """
-        attn_module = self.cross_attn
         if self.tail:
-            n, q_len, c = x.shape
-            heads, hd = attn_module.n_heads, attn_module.head_dim
-            q = attn_module.q_proj(x).view(n, q_len, heads, hd).transpose(1, 2)
-            k = attn_module.k_proj(memory).view(n, -1, heads, hd).transpose(1, 2)
-            attn = torch.matmul(q * attn_module.scale, k.transpose(-2, -1))
+            _, _, attn = self.cross_attn.attention_maps(x, memory)
             return None, self.mask_head(attn, spatial_shapes, level_start_index)
         if self.use_self_attn:
             x = self.norm_sa(x + self.self_attn(x, x, x, need_weights=False)[0])
-        out, attn = attn_module(x, memory, None, None, padding_mask)
+        out, attn = self.cross_attn(x, memory, None, None, padding_mask)
         x = self.norm_ca(x + out)
         x = self.norm_ffn(x + self.linear2(F.gelu(self.linear1(x))))
         return x, self.mask_head(attn, spatial_shapes, level_start_index)
@@ -222,9 +218,7 @@ class OfficialMaskDecoder(nn.Module):
                                          self.d_model, self.n_levels, spatial_sizes)
         if not 0 <= num_thing_queries <= queries.shape[1]:
             raise ValueError(f"num_thing_queries must be in [0, {queries.shape[1]}], got {num_thing_queries}")
-        starts = [0]
-        for h, w in shapes[:-1]:
-            starts.append(starts[-1] + h * w)
+        starts = level_start_offsets(shapes)
         things, stuff = queries[:, :num_thing_queries], queries[:, num_thing_queries:]
         stuff_pos = None if query_pos is None else query_pos[:, num_thing_queries:]
         thing_q, thing_masks = self.thing_branch(things, None, memory, padding_mask, shapes, starts)
