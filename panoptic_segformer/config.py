@@ -11,7 +11,7 @@ AdamW with lr 1.4e-4 and a backbone multiplier of 0.1.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_panoptic_segformer_config"]
+__all__ = ["add_panoptic_segformer_config", "setup_cfg"]
 
 
 def add_panoptic_segformer_config(cfg):
@@ -146,4 +146,30 @@ def add_panoptic_segformer_config(cfg):
     cfg.INPUT.SIZE_DIVISIBILITY = 32
     # Images smaller than this (either side, in pixels) are rejected with an error naming the file.
     cfg.INPUT.MIN_IMAGE_SIZE = 32
+    return cfg
+
+
+def setup_cfg(config_file, opts=(), freeze=True):
+    """The Detectron2 config of ``config_file`` with this project's keys and ``opts`` (KEY VALUE ...).
+
+    The one config setup shared by ``train_net.py`` and every tool under ``projects/``; a tool changes
+    what it needs on the unfrozen config (``freeze=False``) and freezes it itself. A missing file or
+    an odd number of overrides is an error naming it (FileNotFoundError / ValueError); an unknown key is
+    Detectron2's KeyError.
+    """
+    import os
+
+    from detectron2.config import get_cfg
+
+    if not config_file or not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs, got {opts}")
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    if freeze:
+        cfg.freeze()
     return cfg

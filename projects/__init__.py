@@ -1,1 +1,3 @@
-"""Runnable tools built on the package (demo, benchmarks, checkpoint converters); never imported by it."""
+"""Runnable tools built on the package, never imported by it. Each tool is a module run from the
+repository root as ``python -m projects.<group>.<tool>`` (``benchmarks``, ``convert``, ``demo``,
+``tools``); all of them set up their config with :func:`panoptic_segformer.config.setup_cfg`."""

@@ -42,14 +42,3 @@ def small_cfg(*opts, train=("shapes_panoptic_train_tiny",), test=("shapes_panopt
         "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "100000", "SEED", "1",
     ] + list(opts))
     return cfg
-
-
-def load_script(relpath):
-    """Import a runnable script of the repository (e.g. ``projects/demo/demo.py``) as a module."""
-    import importlib.util
-
-    path = os.path.join(REPO_ROOT, relpath)
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -7,26 +7,17 @@ cross-attention (projections, q.k^T for the maps, and the fused attention's q.k^
 """
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from conftest import REPO_ROOT, load_script
+from conftest import REPO_ROOT
 from panoptic_segformer.modeling.mask_decoder import MultiHeadCrossAttentionWithMaps
 from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn
+from projects.benchmarks import model_stats, train_memory
 
-BENCH_DIR = os.path.join(REPO_ROOT, "projects", "benchmarks")
-if BENCH_DIR not in sys.path:  # the scripts import their helpers (bench_utils, host_sync) by name
-    sys.path.insert(0, BENCH_DIR)
-
-
-
-
-model_stats = load_script("projects/benchmarks/model_stats.py")
-train_memory = load_script("projects/benchmarks/train_memory.py")
 SHAPES_YAML = os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")
 TINY = ["MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "32", "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "64",
         "MODEL.PANOPTIC_SEGFORMER.NUM_THING_QUERIES", "12", "MODEL.PANOPTIC_SEGFORMER.QUERY_FILTER.NUM_QUERIES", "8",
@@ -93,7 +84,7 @@ def test_model_stats_reports_params_flops_stages_and_syncs(tmp_path):
         "--per-stage", "--count-syncs", "--iters", "1", "--warmup", "0", "--mask-layers", "2,1",
         "--json", str(out), *TINY])
     assert json.loads(out.read_text())["params"]["total"] == report["params"]["total"]
-    cfg = model_stats.bench_utils.setup_cfg(SHAPES_YAML, TINY, "cpu")
+    cfg = model_stats.bench_utils.random_init_cfg(SHAPES_YAML, TINY, "cpu")
     model = model_stats.bench_utils.build_model(cfg)
     assert report["params"]["total"] == sum(p.numel() for p in model.parameters())
     assert sum(report["params"]["by_component"].values()) == report["params"]["total"]
@@ -130,7 +121,7 @@ def test_model_stats_rejects_bad_arguments():
 
 
 def test_model_stats_loads_local_weights(tmp_path):
-    cfg = model_stats.bench_utils.setup_cfg(SHAPES_YAML, TINY, "cpu")
+    cfg = model_stats.bench_utils.random_init_cfg(SHAPES_YAML, TINY, "cpu")
     model = model_stats.bench_utils.build_model(cfg, seed=3)
     torch.save({"model": model.state_dict()}, tmp_path / "w.pth")
     loaded = model_stats._build(cfg, str(tmp_path / "w.pth"))

@@ -16,18 +16,13 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou_loss
 
-from conftest import load_script
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, paired_giou_loss
 from panoptic_segformer.modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSine
 from panoptic_segformer.modeling.location_decoder import LocationDecoder
 from panoptic_segformer.modeling.matcher import HungarianMatcher, multi_round_match, select_thing_queries
 from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn
 from panoptic_segformer.postprocessing import build_postprocessor
-
-
-
-
-HostSyncCounter = load_script("projects/benchmarks/host_sync.py").HostSyncCounter
+from projects.benchmarks.host_sync import HostSyncCounter
 
 C, HEADS, LEVELS = 32, 4, 3
 SIZES = [(12, 16), (6, 8), (3, 4)]  # padded level sizes of the batch

@@ -24,13 +24,15 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 from scipy import ndimage
 
-from conftest import REPO_ROOT, load_script, small_cfg
+from conftest import REPO_ROOT, small_cfg
 from panoptic_segformer.data.dataset_mapper import read_image_rgb, read_panoptic_png
 from panoptic_segformer.postprocessing import (
     build_postprocessor,
     mask_confidence_scores,
     registered_postprocessors,
 )
+from projects.benchmarks import compare_postprocessors as compare
+from projects.demo import demo
 
 COCO_CLASSES = ("MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES", "80",
                 "MODEL.PANOPTIC_SEGFORMER.NUM_STUFF_CLASSES", "53")
@@ -40,12 +42,6 @@ NO_THRESHOLD = ("MODEL.PANOPTIC_SEGFORMER.TEST.CONF_THRESHOLD_THING", "0.0",
 SCRIPT_OPTS = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256", "DATALOADER.NUM_WORKERS", "0",
                "MODEL.DEVICE", "cpu"]
 SHAPES_YAML = os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")
-
-
-
-
-demo = load_script("projects/demo/demo.py")
-compare = load_script("projects/benchmarks/compare_postprocessors.py")
 
 
 def coco_cfg(*opts):

@@ -6,12 +6,7 @@ import pytest
 from detectron2.utils.events import EventStorage, JSONWriter
 from PIL import Image
 
-from conftest import load_script
-
-
-
-
-plot_metrics = load_script("projects/tools/plot_metrics.py")
+from projects.tools import plot_metrics
 
 
 def _write_run(out_dir, scale=1.0, iters=20, eval_every=10):

@@ -7,42 +7,28 @@ machine description and markdown tables.
 import contextlib
 import os
 import platform
-import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO_ROOT not in sys.path:  # `python projects/benchmarks/x.py` from anywhere
-    sys.path.insert(0, REPO_ROOT)
-
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def setup_cfg(config_file: str, opts: Sequence[str], device: Optional[str] = None, quiet: bool = False):
-    """Frozen Detectron2 config of ``config_file`` + ``opts``, at random initialisation.
+def random_init_cfg(config_file: str, opts: Sequence[str], device: Optional[str] = None, quiet: bool = False):
+    """Frozen config of ``config_file`` + ``opts`` (:func:`panoptic_segformer.config.setup_cfg`), at
+    random initialisation.
 
     ``MODEL.WEIGHTS`` (e.g. a ``detectron2://`` ImageNet checkpoint) and ``MODEL.TIMM.PRETRAINED_WEIGHTS``
     are cleared: the benchmarks measure size and speed, which do not depend on the weights, and never
     download anything. ``device`` (if given) overrides ``MODEL.DEVICE``; without it, a CUDA
     ``MODEL.DEVICE`` falls back to the CPU when CUDA is unavailable (with a note unless ``quiet``).
     """
-    from detectron2.config import get_cfg
+    from panoptic_segformer.config import setup_cfg
 
-    from panoptic_segformer import add_panoptic_segformer_config
-
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
-    if len(opts) % 2:
-        raise ValueError(f"config overrides must be KEY VALUE pairs, got {list(opts)}")
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = setup_cfg(config_file, opts, freeze=False)
     cfg.MODEL.WEIGHTS = ""
-    if "TIMM" in cfg.MODEL:
-        cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
+    cfg.MODEL.TIMM.PRETRAINED_WEIGHTS = ""
     if device:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device!r} but CUDA is not available (use --device cpu)")

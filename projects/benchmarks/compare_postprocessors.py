@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Panoptic quality and speed of the post-processors on one model (paper Sec. 3.5, Table 7, Table B.2).
 
-    python projects/benchmarks/compare_postprocessors.py \
+    python -m projects.benchmarks.compare_postprocessors \
         --config-file configs/coco/panoptic_segformer_R50_24ep.yaml --dataset coco_2017_val_panoptic \
         MODEL.WEIGHTS model_final.pth
-    python projects/benchmarks/compare_postprocessors.py --config-file configs/shapes/panoptic_segformer_shapes.yaml \
+    python -m projects.benchmarks.compare_postprocessors --config-file configs/shapes/panoptic_segformer_shapes.yaml \
         --dataset shapes_panoptic_val --postprocessors mask_wise pixel_argmax MODEL.WEIGHTS output/model_final.pth
 
 The network runs ONCE per image (``model.forward_outputs``); the same per-query predictions then go
@@ -24,12 +24,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOPanopticEvaluator
 from detectron2.modeling import build_model
 
-from panoptic_segformer import PanopticSegFormerDatasetMapper, add_panoptic_segformer_config
+from panoptic_segformer import PanopticSegFormerDatasetMapper
+from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.postprocessing import build_postprocessor, registered_postprocessors
 
 __all__ = ["TimedPostProcessor", "predict_with_postprocessors", "compare_postprocessors", "format_table", "main"]
@@ -149,11 +149,8 @@ def get_parser():
     return parser
 
 
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+def comparison_cfg(args):
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     if args.dataset:
         cfg.DATASETS.TEST = (args.dataset,)
     if not cfg.DATASETS.TEST:
@@ -172,7 +169,7 @@ def main(argv=None):
     unknown = [n for n in names if n not in registered_postprocessors()]
     if unknown:
         raise SystemExit(f"unknown post-processor(s) {unknown}; registered: {registered_postprocessors()}")
-    cfg = setup_cfg(args)
+    cfg = comparison_cfg(args)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)

@@ -12,7 +12,7 @@ Times, on synthetic predictions of one image (default 300 thing + 53 stuff queri
 checks that the vectorized and loop mask-wise results are identical, and prints a markdown table
 of medians (ms) on CPU and, when available, CUDA.
 
-    python projects/benchmarks/merge_speed.py --repeats 5 --loop-repeats 2
+    python -m projects.benchmarks.merge_speed --repeats 5 --loop-repeats 2
 """
 
 import argparse

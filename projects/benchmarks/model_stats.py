@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Parameters, GFLOPs and inference speed of a Panoptic SegFormer config (issues 5 and 6).
 
-    python projects/benchmarks/model_stats.py --config-file configs/coco/panoptic_segformer_R50_24ep.yaml
-    python projects/benchmarks/model_stats.py --config-file CFG --fps --per-stage --dtype fp32,bf16 \\
+    python -m projects.benchmarks.model_stats --config-file configs/coco/panoptic_segformer_R50_24ep.yaml
+    python -m projects.benchmarks.model_stats --config-file CFG --fps --per-stage --dtype fp32,bf16 \\
         --mask-layers 6,2 [--device cuda] [--json out.json] [KEY VALUE ...]
 
 The model is built at random initialisation: MODEL.WEIGHTS is cleared and nothing is downloaded
@@ -56,9 +56,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-import bench_utils
-from bench_utils import autocast, markdown_table, sync
-from host_sync import HostSyncCounter
+from projects.benchmarks import bench_utils
+from projects.benchmarks.bench_utils import autocast, markdown_table, sync
+from projects.benchmarks.host_sync import HostSyncCounter
 
 # Paper component -> attribute prefixes of PanopticSegFormer.
 COMPONENTS = OrderedDict([
@@ -397,7 +397,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base_cfg = bench_utils.setup_cfg(args.config_file, args.opts, args.device)
+    base_cfg = bench_utils.random_init_cfg(args.config_file, args.opts, args.device)
     device = torch.device(base_cfg.MODEL.DEVICE)
     iters = args.iters or (50 if device.type == "cuda" else 4)
     warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 1)
@@ -432,7 +432,7 @@ def main(argv=None):
             k_used = base_cfg.MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS or \
                 base_cfg.MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_LAYERS
         else:
-            cfg = bench_utils.setup_cfg(args.config_file,
+            cfg = bench_utils.random_init_cfg(args.config_file,
                                         list(args.opts) + ["MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS",
                                                            str(k)], args.device, quiet=True)
             model_k = _build(cfg, args.weights)

@@ -10,8 +10,8 @@ checks both against a float64 reference and prints a markdown table of medians (
 * ``fp32``: values, locations and weights in float32;
 * ``bf16``: as under autocast: values in bfloat16, locations and attention weights in float32.
 
-    python projects/benchmarks/ms_deform_attn_speed.py                # CUDA, fp32 and bf16
-    python projects/benchmarks/ms_deform_attn_speed.py --device cpu   # PyTorch path only, small shape
+    python -m projects.benchmarks.ms_deform_attn_speed                # CUDA, fp32 and bf16
+    python -m projects.benchmarks.ms_deform_attn_speed --device cpu   # PyTorch path only, small shape
 
 Without a CUDA device the default mode prints that it needs a GPU and exits 0.
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train Panoptic SegFormer on `shapes` within a wall-clock budget and record the PQ curve.
 
-    python projects/benchmarks/shapes_curve.py --minutes 15 --eval-every 150 --output output/shapes_curve \
+    python -m projects.benchmarks.shapes_curve --minutes 15 --eval-every 150 --output output/shapes_curve \
         [KEY VALUE ...]
 
 Trains with train_net.py's Trainer on `configs/shapes/panoptic_segformer_shapes.yaml`; every

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak training memory and step time of a Panoptic SegFormer config at batch 1 (issue 6, App. B.2).
 
-    python projects/benchmarks/train_memory.py --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \\
+    python -m projects.benchmarks.train_memory --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \\
         --device cuda [--image-size 800x1333] [--query-filter on,off] [--dtype fp32,fp16] [--json out.json]
 
 One training step = the model's training forward (losses) + backward + the config's optimizer step
@@ -38,8 +38,8 @@ import time
 import numpy as np
 import torch
 
-import bench_utils
-from bench_utils import autocast, markdown_table, sync
+from projects.benchmarks import bench_utils
+from projects.benchmarks.bench_utils import autocast, markdown_table, sync
 
 
 def synthetic_batch(height, width, thing_ids, stuff_ids, num_things, num_stuff, seed=0):
@@ -91,7 +91,7 @@ def measure(args):
     import train_net
 
     opts = list(args.opts) + ["MODEL.PANOPTIC_SEGFORMER.QUERY_FILTER.ENABLED", str(args.query_filter == "on")]
-    cfg = bench_utils.setup_cfg(args.config_file, opts, args.device, quiet=True)
+    cfg = bench_utils.random_init_cfg(args.config_file, opts, args.device, quiet=True)
     device = torch.device(cfg.MODEL.DEVICE)
     model = bench_utils.build_model(cfg)
     model.train()
@@ -194,7 +194,7 @@ def main(argv=None):
         with open(args.child_json, "w") as f:
             json.dump(measure(args), f)
         return 0
-    on_cuda = (args.device or bench_utils.setup_cfg(args.config_file, args.opts, quiet=True).MODEL.DEVICE).startswith("cuda")
+    on_cuda = (args.device or bench_utils.random_init_cfg(args.config_file, args.opts, quiet=True).MODEL.DEVICE).startswith("cuda")
     steps = args.steps or (10 if on_cuda else 2)
     warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
     results = []
@@ -202,7 +202,7 @@ def main(argv=None):
         for dtype in _list(args.dtype):
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "result.json")
-                cmd = [sys.executable, os.path.abspath(__file__), "--config-file", args.config_file,
+                cmd = [sys.executable, "-m", __spec__.name if __spec__ else "projects.benchmarks.train_memory", "--config-file", args.config_file,
                        "--image-size", "x".join(map(str, args.image_size)), "--things", str(args.things),
                        "--stuff", str(args.stuff), "--query-filter", qf, "--dtype", dtype,
                        "--steps", str(steps), "--warmup", str(warmup), "--child-json", out]

@@ -3,7 +3,7 @@
 
 Usage::
 
-    python projects/convert/convert_official.py panoptic_segformer_r50_2x.pth r50_2x_d2.pth \\
+    python -m projects.convert.convert_official panoptic_segformer_r50_2x.pth r50_2x_d2.pth \\
         --config-file configs/coco/official/official_r50_2x.yaml
     python train_net.py --eval-only --config-file configs/coco/official/official_r50_2x.yaml \\
         MODEL.WEIGHTS r50_2x_d2.pth
@@ -50,11 +50,7 @@ import torch
 from detectron2.config import CfgNode
 from torch import Tensor, nn
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO_ROOT not in sys.path:  # `python projects/convert/convert_official.py` from anywhere
-    sys.path.insert(0, REPO_ROOT)
-
-from projects.convert.convert_torchvision_to_d2 import torchvision_resnet_key_to_d2  # noqa: E402
+from projects.convert.convert_torchvision_to_d2 import torchvision_resnet_key_to_d2
 
 __all__ = [
     "Rule",
@@ -451,17 +447,10 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument("opts", nargs="*", help="config overrides KEY VALUE ... (e.g. MODEL.TIMM.NAME ...)")
     args = parser.parse_intermixed_args(argv)
 
-    from detectron2.config import get_cfg
+    from panoptic_segformer.config import setup_cfg
 
-    from panoptic_segformer import add_panoptic_segformer_config
-
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"--config-file {args.config_file!r}: file not found")
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     official_sd = load_official_checkpoint(args.input, args.allow_pickle)
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     model = _as_model(cfg)
     new_sd, report = convert_official_state_dict(official_sd, model, source=args.input)
     meta = any(t.is_meta for t in model.state_dict().values())

@@ -3,7 +3,7 @@
 
 Usage::
 
-    python projects/convert/convert_torchvision_to_d2.py resnet50-0676ba61.pth R-50.pkl
+    python -m projects.convert.convert_torchvision_to_d2 resnet50-0676ba61.pth R-50.pkl
 
 The input is the plain state dict torchvision publishes (``resnet{18,34,50,101,152}-*.pth``). The
 output is the ``.pkl`` Detectron2 reads with name-matching heuristics, ``{"model": {name: ndarray},

@@ -2,10 +2,10 @@
 """Panoptic SegFormer demo: panoptic predictions drawn on images or a video, and optionally the mask
 decoder's attention maps of each detected segment (paper Sec. 3.3.3, Fig. 6 and Fig. B.6).
 
-    python projects/demo/demo.py --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \
+    python -m projects.demo.demo --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \
         --input images/*.jpg --output out/ --opts MODEL.WEIGHTS model.pth
-    python projects/demo/demo.py --config-file ... --input a.jpg --output a_pan.png --show-attention
-    python projects/demo/demo.py --config-file ... --video-input clip.mp4 --output out/
+    python -m projects.demo.demo --config-file ... --input a.jpg --output a_pan.png --show-attention
+    python -m projects.demo.demo --config-file ... --video-input clip.mp4 --output out/
 
 Images are read with the package's ``read_image_rgb`` (grayscale, palette, RGBA, CMYK and 16-bit
 files are converted; missing, unreadable, truncated or too small files raise a ``DatasetError``
@@ -31,17 +31,16 @@ import cv2
 import numpy as np
 import torch
 import tqdm
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
-from panoptic_segformer import add_panoptic_segformer_config
+from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.data.dataset_mapper import DatasetError, read_image_rgb
 
 __all__ = [
     "get_parser",
-    "setup_cfg",
+    "demo_cfg",
     "expand_inputs",
     "predictor_inputs",
     "trace_segment_queries",
@@ -80,12 +79,9 @@ def get_parser():
     return parser
 
 
-def setup_cfg(args):
+def demo_cfg(args):
     """Frozen config from ``--config-file``, ``--opts`` and ``--confidence-threshold``."""
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     if args.confidence_threshold is not None:
         t = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
         t.CONF_THRESHOLD_THING = t.CONF_THRESHOLD_STUFF = args.confidence_threshold
@@ -398,7 +394,7 @@ def main(argv=None) -> int:
     files = expand_inputs(args.input)
     if not files and not args.video_input:
         raise SystemExit("give --input files or --video-input")
-    cfg = setup_cfg(args)
+    cfg = demo_cfg(args)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
     predictor = DefaultPredictor(cfg)
     failures = []

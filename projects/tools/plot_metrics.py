@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Plot training curves from Detectron2's ``metrics.json`` files (one or several runs overlaid).
 
-    python projects/tools/plot_metrics.py output/shapes/metrics.json -o curves.png
-    python projects/tools/plot_metrics.py run_a/metrics.json run_b/metrics.json -o curves.png \
+    python -m projects.tools.plot_metrics output/shapes/metrics.json -o curves.png
+    python -m projects.tools.plot_metrics run_a/metrics.json run_b/metrics.json -o curves.png \
         --keys total_loss loss_stuff_mask_5 panoptic_seg/PQ panoptic_seg/PQ_th panoptic_seg/PQ_st
 
 ``metrics.json`` is written by Detectron2's ``JSONWriter``: one JSON dict per line, each with an

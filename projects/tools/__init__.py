@@ -1,0 +1,1 @@
+"""Small utilities: ``python -m projects.tools.plot_metrics`` (training curves from metrics.json)."""
