@@ -41,9 +41,9 @@ def add_panoptic_segformer_config(cfg):
     # Transformer encoder of deformable attention layers (Sec. 3.2).
     psf.ENC_LAYERS = 6
     psf.ENC_N_POINTS = 4
-    # Multi-scale deformable attention implementation: "auto" (Triton kernel on CUDA tensors when
-    # available, pure PyTorch otherwise; the PANOPTIC_SEGFORMER_MSDA_IMPL environment variable
-    # decides), "pytorch" or "triton".
+    # Multi-scale deformable attention implementation of this model's MSDeformAttn modules (chosen per
+    # module, never process-wide): "auto" (Triton kernel on CUDA tensors when available, pure PyTorch
+    # otherwise), "pytorch" or "triton".
     psf.MSDA_IMPL = "auto"
     # Query decoupling (Sec. 3.3.1): N_th thing queries + one stuff query per stuff class.
     # False = the joint-matching baseline of Table 8 (N_th + N_st queries through both decoders, all

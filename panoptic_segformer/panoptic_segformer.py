@@ -30,7 +30,6 @@ from .modeling.location_decoder import LocationDecoder
 from .modeling.mask_decoder import MaskDecoder
 from .modeling.official_mask_decoder import OfficialMaskDecoder
 from .modeling.matcher import HungarianMatcher, select_thing_queries
-from .modeling.ms_deform_attn import set_ms_deform_attn_impl
 from .postprocessing import build_postprocessor
 from .utils import masks_to_boxes
 
@@ -130,7 +129,6 @@ class PanopticSegFormer(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         psf = cfg.MODEL.PANOPTIC_SEGFORMER
-        set_ms_deform_attn_impl(psf.MSDA_IMPL)  # process-wide choice of the MSDeformAttn kernel
         names = cfg.DATASETS.TRAIN or cfg.DATASETS.TEST
         thing_ids, stuff_ids = dataset_class_ids(names)
         if (len(thing_ids), len(stuff_ids)) != (psf.NUM_THING_CLASSES, psf.NUM_STUFF_CLASSES):
@@ -170,12 +168,12 @@ class PanopticSegFormer(nn.Module):
         num_loc_queries = psf.NUM_THING_QUERIES if decoupled else psf.NUM_THING_QUERIES + num_stuff
         encoder = DeformableTransformerEncoder(
             d_model=d, num_layers=psf.ENC_LAYERS, n_heads=psf.NHEADS, n_levels=n_levels,
-            n_points=psf.ENC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT)
+            n_points=psf.ENC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT, msda_impl=psf.MSDA_IMPL)
         location_decoder = LocationDecoder(
             num_loc_classes, d_model=d, num_layers=psf.LOCATION_DECODER_LAYERS,
             num_queries=num_loc_queries, n_heads=psf.NHEADS, n_levels=n_levels,
             n_points=psf.DEC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
-            box_free=psf.BOX_FREE)
+            box_free=psf.BOX_FREE, msda_impl=psf.MSDA_IMPL)
         mask_levels = len(psf.IN_FEATURES)  # the mask decoder attends to the backbone levels only
         if psf.MASK_DECODER_TYPE == "paper":
             mask_decoder = MaskDecoder(
@@ -290,13 +288,11 @@ class PanopticSegFormer(nn.Module):
                         return_attention=False) -> Dict:
         """Run the network. Returns a dict with "location" (pred_logits / pred_boxes per location
         layer), "thing_query_index" (N, Q_th), "mask" (per mask-decoder layer: thing_logits,
-        stuff_logits, pred_masks[, attention]) -- the inputs of the criterion -- and the encoder's
-        "spatial_shapes" (L, 2) / "level_start_index" (L,) to split attention maps (Eq. 1)."""
+        stuff_logits, pred_masks[, attention]) -- the inputs of the criterion -- and "levels", the
+        LevelLayout of the tokens the mask decoder attended to (to split attention maps, Eq. 1)."""
         srcs, masks, pos = self._multi_scale_inputs(images)
         enc = self.encoder(srcs, masks, pos)
-        loc = self.location_decoder(
-            enc.memory, enc.spatial_shapes, enc.level_start_index, enc.valid_ratios, enc.padding_mask,
-            spatial_sizes=enc.spatial_sizes)
+        loc = self.location_decoder(enc.memory, enc.levels)
         queries, query_pos = loc["queries"], loc["query_pos"]
         n, q_all = queries.shape[:2]
         index = thing_pairs = None
@@ -330,13 +326,11 @@ class PanopticSegFormer(nn.Module):
             query_pos = torch.cat([query_pos, stuff_pos[None].expand(n, -1, -1)], dim=1)
         # The mask decoder attends to the backbone levels only (extra levels feed the encoder and the
         # location decoder, as in the official code).
-        k = len(self.in_features)
-        s_k = sum(m.shape[-2] * m.shape[-1] for m in masks[:k])
+        levels = enc.levels.first(len(self.in_features))
+        s_k = levels.num_tokens
         layers = self.mask_decoder(
-            queries, query_pos, num_thing_queries, enc.memory[:, :s_k], enc.pos[:, :s_k],
-            enc.padding_mask[:, :s_k], enc.spatial_shapes[:k], enc.level_start_index[:k],
-            num_layers=num_mask_layers, return_attention=return_attention,
-            spatial_sizes=None if enc.spatial_sizes is None else enc.spatial_sizes[:k])
+            queries, query_pos, num_thing_queries, enc.memory[:, :s_k], enc.pos[:, :s_k], levels,
+            num_layers=num_mask_layers, return_attention=return_attention)
         # Mask logits over padding (1/8 of the padded batch) are pinned to "background", so the mask
         # losses and the post-processors never see values the attention maps copied into padding.
         pad = masks[0][:, None]
@@ -351,8 +345,7 @@ class PanopticSegFormer(nn.Module):
             "location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
             "thing_query_index": index,
             "mask": layers,
-            "spatial_shapes": enc.spatial_shapes,
-            "level_start_index": enc.level_start_index,
+            "levels": levels,
         }
 
     def prepare_targets(self, batched_inputs, images: ImageList):

@@ -15,6 +15,7 @@ from fvcore.nn import FlopCountAnalysis
 
 from conftest import REPO_ROOT
 from panoptic_segformer.modeling.mask_decoder import MultiHeadCrossAttentionWithMaps
+from panoptic_segformer.modeling.levels import LevelLayout
 from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn
 from projects.benchmarks import model_stats, train_memory
 
@@ -36,12 +37,21 @@ def test_msda_flops_count_sampling_and_weighted_sum():
     sizes = [(6, 8), (3, 4), (2, 2)]
     s = sum(h * w for h, w in sizes)
     attn = MSDeformAttn(c, levels, m, p).eval()
+
+    class WithLayout(torch.nn.Module):  # the tracer takes tensors; the layout is built inside, as in the model
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, query, ref, x):
+            return self.attn(query, ref, x, LevelLayout.from_sizes(sizes, query.shape[0]))
+
     g = torch.Generator().manual_seed(0)
     inputs = (torch.randn(n, q, c, generator=g), torch.rand(n, q, levels, 2, generator=g),
-              torch.randn(n, s, c, generator=g), torch.tensor(sizes), torch.tensor([0, 48, 60]))
+              torch.randn(n, s, c, generator=g))
     linear = n * s * c * c + n * q * c * (m * levels * p * 2) + n * q * c * (m * levels * p) + n * q * c * c
     core = 5 * n * m * (c // m) * q * levels * p  # per sampled value and channel: 4 bilinear + 1 weighted sum
-    assert _flops(attn, inputs) == linear + core
+    assert _flops(WithLayout().eval(), inputs) == linear + core
 
 
 def test_cross_attention_flops_include_the_fused_attention():

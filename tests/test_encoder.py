@@ -10,8 +10,8 @@ from panoptic_segformer.modeling.encoder import (
     EncoderOutput,
     PositionEmbeddingSine,
     get_reference_points,
-    get_valid_ratio,
 )
+from panoptic_segformer.modeling.levels import LevelLayout, get_valid_ratio
 
 C = 16
 # valid (h, w) per level of two images; the batch pads each level to the larger one
@@ -59,17 +59,19 @@ def test_encoder_shapes_and_metadata_on_padded_batch():
     assert isinstance(out, EncoderOutput)
     S = sum(h * w for h, w in SIZES_A)  # A is the larger image on every level
     assert out.memory.shape == (2, S, C) and out.pos.shape == (2, S, C)
-    assert out.spatial_shapes.dtype == torch.long and out.spatial_shapes.tolist() == [list(s) for s in SIZES_A]
-    assert out.level_start_index.dtype == torch.long and out.level_start_index.tolist() == [0, 48, 60]
-    assert out.padding_mask.shape == (2, S) and out.padding_mask.dtype == torch.bool
-    assert not out.padding_mask[0].any()
-    assert int(out.padding_mask[1].sum()) == S - sum(h * w for h, w in SIZES_B)
+    levels = out.levels
+    assert levels.sizes == tuple(SIZES_A) and levels.starts == (0, 48, 60)
+    assert levels.spatial_shapes.dtype == torch.long and levels.spatial_shapes.tolist() == [list(s) for s in SIZES_A]
+    assert levels.level_start_index.dtype == torch.long and levels.level_start_index.tolist() == [0, 48, 60]
+    assert levels.padding_mask.shape == (2, S) and levels.padding_mask.dtype == torch.bool
+    assert not levels.padding_mask[0].any()
+    assert int(levels.padding_mask[1].sum()) == S - sum(h * w for h, w in SIZES_B)
     # valid ratios (w_ratio, h_ratio) per level
     expected = torch.tensor(
         [[[1.0, 1.0]] * 3, [[wb / wa, hb / ha] for (ha, wa), (hb, wb) in zip(SIZES_A, SIZES_B)]],
         dtype=torch.float64,
     )
-    torch.testing.assert_close(out.valid_ratios, expected)
+    torch.testing.assert_close(levels.valid_ratios, expected)
     assert torch.isfinite(out.memory).all()
 
 
@@ -82,8 +84,10 @@ def test_get_valid_ratio():
 
 def test_reference_points_are_pixel_centres_in_valid_region():
     valid_ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 0.75], [0.5, 1.0]]], dtype=torch.float64)
-    shapes = torch.tensor([[4, 4], [2, 2]])
-    ref = get_reference_points(shapes, valid_ratios, torch.device("cpu"))
+    levels = LevelLayout.from_sizes([(4, 4), (2, 2)], 2)
+    levels = LevelLayout(levels.sizes, levels.spatial_shapes, levels.level_start_index, levels.padding_mask,
+                         valid_ratios)
+    ref = get_reference_points(levels)
     assert ref.shape == (2, 16 + 4, 2, 2)
     # image 0, unpadded: token (i, j) of level 0 points at ((j + .5) / 4, (i + .5) / 4) on every level
     i, j = 2, 3
@@ -107,7 +111,7 @@ def test_encoder_padding_invariance():
     alone = _run(enc, alone_srcs, alone_masks)
     srcs, masks = _pad_batch([feats_a, feats_b], [SIZES_A, SIZES_B])
     batched = _run(enc, srcs, masks)
-    valid_b = ~batched.padding_mask[1]
+    valid_b = ~batched.levels.padding_mask[1]
     assert int(valid_b.sum()) == alone.memory.shape[1]
     torch.testing.assert_close(batched.memory[1, valid_b], alone.memory[0], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(batched.pos[1, valid_b], alone.pos[0], atol=1e-10, rtol=1e-10)

@@ -6,10 +6,10 @@ queued kernel. These tests run on the CPU and count such calls with ``projects/b
 a ``TorchFunctionMode`` that records them while every call runs unchanged (nothing is mocked): the
 calls counted here are exactly those that would sync on a GPU.
 
-Checked: the encoder and the location decoder make none; MSDeformAttn makes none when given the Python
-level sizes; the matcher needs one transfer per call whatever the batch and number of matchings, the
-criterion two per step, query filtering one; mask-wise merging a fixed number independent of the
-number of queries. Each sync-free path is also checked to compute the same result as the checked path.
+Checked: building the level layout, the encoder, the location decoder and MSDeformAttn make none (the
+level sizes travel as Python ints in one LevelLayout); the matcher needs one transfer per call whatever
+the batch and number of matchings, the criterion two per step, query filtering one; mask-wise merging a
+fixed number independent of the number of queries.
 """
 
 import pytest
@@ -18,6 +18,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, paired_giou_loss
 from panoptic_segformer.modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSine
+from panoptic_segformer.modeling.levels import LevelLayout
 from panoptic_segformer.modeling.location_decoder import LocationDecoder
 from panoptic_segformer.modeling.matcher import HungarianMatcher, multi_round_match, select_thing_queries
 from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn
@@ -82,56 +83,50 @@ def test_encoder_forward_makes_no_host_sync():
     with torch.no_grad(), HostSyncCounter() as syncs:
         out = enc(*inputs)
     assert syncs.total == 0, syncs.by_location()
-    assert out.spatial_sizes == tuple(SIZES)
-    assert out.spatial_shapes.tolist() == [list(s) for s in SIZES]
+    assert out.levels.sizes == tuple(SIZES)
+    assert out.levels.spatial_shapes.tolist() == [list(s) for s in SIZES]
 
 
 @pytest.mark.parametrize("num_layers", [1, 3])
-def test_location_decoder_syncs_only_to_validate_and_never_per_layer(num_layers):
+def test_location_decoder_makes_no_host_sync(num_layers):
     enc = _encoder_output()
     dec = _location_decoder(num_layers)
-    args = (enc.memory, enc.spatial_shapes, enc.level_start_index, enc.valid_ratios, enc.padding_mask)
-    with torch.no_grad(), HostSyncCounter() as fast:
-        out_fast = dec(*args, spatial_sizes=enc.spatial_sizes)
-    with torch.no_grad(), HostSyncCounter() as checked:
-        out_checked = dec(*args)
-    assert fast.total == 0, fast.by_location()
-    # Without the Python sizes the level tensors are read once per forward, whatever the depth.
-    assert checked.total == 2, checked.by_location()
-    for key in ("queries", "pred_logits", "pred_boxes"):
-        torch.testing.assert_close(out_fast[key], out_checked[key], rtol=0, atol=0)
+    with torch.no_grad(), HostSyncCounter() as syncs:
+        out = dec(enc.memory, enc.levels)
+    assert syncs.total == 0, syncs.by_location()
+    assert len(out["pred_boxes"]) == num_layers
 
 
-def test_location_decoder_checks_python_sizes_without_sync():
-    enc = _encoder_output()
-    dec = _location_decoder(1)
-    args = (enc.memory, enc.spatial_shapes, enc.level_start_index, enc.valid_ratios, enc.padding_mask)
-    with pytest.raises(ValueError, match="spatial_sizes"):
-        dec(*args, spatial_sizes=[(12, 16), (6, 8), (3, 5)])  # sums to S + 3
-    with pytest.raises(ValueError, match="spatial_sizes"):
-        dec(*args, spatial_sizes=[(12, 16), (6, 8)])
+def test_level_layout_is_built_and_validated_without_sync():
+    _, masks, _ = _multiscale()
+    with HostSyncCounter() as syncs:
+        levels = LevelLayout.from_padding_masks(masks)
+        first = levels.first(2)
+    assert syncs.total == 0, syncs.by_location()
+    assert levels.sizes == tuple(SIZES) and first.sizes == tuple(SIZES[:2])
+    assert first.padding_mask.shape == (2, 12 * 16 + 6 * 8)
+    with pytest.raises(ValueError, match="level sizes"):
+        LevelLayout.from_sizes([(12, 16), (6, 8), (3.0, 4)], 2)
+    with pytest.raises(ValueError, match="padding_mask"):  # sizes that do not sum to the padding mask's S
+        LevelLayout([(12, 16), (6, 8), (3, 5)], levels.spatial_shapes, levels.level_start_index,
+                    levels.padding_mask, levels.valid_ratios)
     with pytest.raises(ValueError, match="spatial_shapes"):
-        dec(enc.memory, enc.spatial_shapes.float(), *args[2:], spatial_sizes=enc.spatial_sizes)
+        LevelLayout(levels.sizes, levels.spatial_shapes.float(), levels.level_start_index,
+                    levels.padding_mask, levels.valid_ratios)
 
 
-def test_ms_deform_attn_with_python_sizes_is_sync_free_and_identical():
+def test_ms_deform_attn_makes_no_host_sync():
     g = torch.Generator().manual_seed(3)
     attn = MSDeformAttn(C, LEVELS, HEADS, n_points=2).eval()
     S = sum(h * w for h, w in SIZES)
     query, value = torch.randn(2, 7, C, generator=g), torch.randn(2, S, C, generator=g)
-    ref = torch.rand(2, 7, LEVELS, 2, generator=g)
-    shapes = torch.tensor(SIZES)
-    starts = torch.tensor([0, 192, 240])
-    with torch.no_grad(), HostSyncCounter() as fast:
-        out_fast = attn(query, ref, value, shapes, starts, spatial_sizes=SIZES)
-    with torch.no_grad(), HostSyncCounter() as checked:
-        out_checked = attn(query, ref, value, shapes, starts)
-    assert fast.total == 0 and checked.total == 2, (fast.by_location(), checked.by_location())
-    torch.testing.assert_close(out_fast, out_checked, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="spatial_sizes"):
-        attn(query, ref, value, shapes, starts, spatial_sizes=[(12, 16), (6, 8), (3.0, 4)])
-    with pytest.raises(ValueError, match="input_level_start_index"):
-        attn(query, ref, value, shapes, starts[:2], spatial_sizes=SIZES)
+    levels = LevelLayout.from_sizes(SIZES, 2)
+    for ref in (torch.rand(2, 7, LEVELS, 2, generator=g), torch.rand(2, 7, LEVELS, 4, generator=g)):
+        with torch.no_grad(), HostSyncCounter() as syncs:
+            out = attn(query, ref, value, levels)
+        assert syncs.total == 0 and out.shape == (2, 7, C), syncs.by_location()
+    with pytest.raises(ValueError, match="input_flatten"):
+        attn(query, ref, value[:, :-1], levels)
 
 
 # ----------------------------------------------------------------------------------- matching

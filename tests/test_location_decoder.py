@@ -6,13 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from panoptic_segformer.modeling.encoder import get_valid_ratio
-from panoptic_segformer.modeling.location_decoder import (
-    MLP,
-    LocationDecoder,
-    LocationDecoderLayer,
-    inverse_sigmoid,
-)
+from panoptic_segformer.modeling.layers import MLP, inverse_sigmoid
+from panoptic_segformer.modeling.levels import LevelLayout
+from panoptic_segformer.modeling.location_decoder import LocationDecoder, LocationDecoderLayer
 
 D_MODEL, HEADS, LEVELS, POINTS, FFN = 32, 2, 3, 2, 64
 SHAPES = [(8, 12), (4, 6), (2, 3)]
@@ -22,11 +18,6 @@ NUM_CLASSES, NUM_QUERIES = 5, 7
 def make_inputs(n=2, seed=0):
     """Random tokens F of a padded batch: image 0 fills the maps, image 1 only the top-left part."""
     g = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.tensor(SHAPES, dtype=torch.long)
-    starts = [0]
-    for h, w in SHAPES[:-1]:
-        starts.append(starts[-1] + h * w)
-    level_start_index = torch.tensor(starts, dtype=torch.long)
     s = sum(h * w for h, w in SHAPES)
     memory = torch.randn(n, s, D_MODEL, generator=g)
     masks = []
@@ -36,9 +27,7 @@ def make_inputs(n=2, seed=0):
             m[1, h // 2 :, :] = True  # image 1 covers the top half ...
             m[1, :, (2 * w) // 3 :] = True  # ... and two thirds of the width
         masks.append(m)
-    valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)  # (N, L, 2)
-    padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
-    return memory, spatial_shapes, level_start_index, valid_ratios, padding_mask
+    return memory, LevelLayout.from_padding_masks(masks)
 
 
 def build(num_layers=3, box_free=False, seed=0):
@@ -92,8 +81,9 @@ def test_inverse_sigmoid_inverts_sigmoid_and_is_finite_at_bounds():
 def test_output_shapes_and_box_range(num_layers, box_free):
     dec = build(num_layers, box_free)
     randomize_box_heads(dec, scale=3.0)  # push boxes far from 0.5: sigmoid must still bound them
-    memory, shapes, starts, ratios, pad = make_inputs()
-    out = dec(memory, shapes, starts, ratios, pad)
+    memory, levels = make_inputs()
+    ratios = levels.valid_ratios
+    out = dec(memory, levels)
     box_dim = 2 if box_free else 4
     assert out["queries"].shape == (2, NUM_QUERIES, D_MODEL)
     assert out["query_pos"].shape == (2, NUM_QUERIES, D_MODEL)
@@ -110,8 +100,9 @@ def test_output_shapes_and_box_range(num_layers, box_free):
 def test_zero_layers_returns_thing_queries_unchanged():
     dec = build(num_layers=0)
     assert len(dec.layers) == 0 and len(dec.class_embed) == 0 and len(dec.bbox_embed) == 0
-    memory, shapes, starts, ratios, pad = make_inputs()
-    out = dec(memory, shapes, starts, ratios, pad)
+    memory, levels = make_inputs()
+    ratios = levels.valid_ratios
+    out = dec(memory, levels)
     pos, tgt = dec.query_embed.weight.split(D_MODEL, dim=1)
     assert out["queries"].shape == (2, NUM_QUERIES, D_MODEL)
     torch.testing.assert_close(out["queries"], tgt.expand(2, -1, -1))
@@ -123,8 +114,9 @@ def test_initialisation_matches_deformable_detr():
     dec = build(num_layers=2)
     for fc in dec.class_embed:
         torch.testing.assert_close(torch.sigmoid(fc.bias), torch.full((NUM_CLASSES,), 0.01))
-    memory, shapes, starts, ratios, pad = make_inputs()
-    out = dec(memory, shapes, starts, ratios, pad)
+    memory, levels = make_inputs()
+    ratios = levels.valid_ratios
+    out = dec(memory, levels)
     # zero-initialised last box layer: layer 0 keeps the initial centres, and w = h = sigmoid(-2).
     boxes0 = out["pred_boxes"][0]
     torch.testing.assert_close(boxes0[..., :2], out["reference_points"][0], atol=1e-5, rtol=1e-5)
@@ -136,8 +128,9 @@ def test_initialisation_matches_deformable_detr():
 def test_iterative_refinement_changes_and_detaches_reference_points():
     dec = build(num_layers=3)
     randomize_box_heads(dec)
-    memory, shapes, starts, ratios, pad = make_inputs()
-    out = dec(memory, shapes, starts, ratios, pad)
+    memory, levels = make_inputs()
+    ratios = levels.valid_ratios
+    out = dec(memory, levels)
     refs, boxes = out["reference_points"], out["pred_boxes"]
     for k in range(3):
         # the refined box of layer k is the next reference point, detached
@@ -164,13 +157,14 @@ def test_iterative_refinement_changes_and_detaches_reference_points():
 def test_reference_points_given_to_deformable_attention_are_scaled_by_valid_ratios(box_free):
     dec = build(num_layers=3, box_free=box_free)
     randomize_box_heads(dec)
-    memory, shapes, starts, ratios, pad = make_inputs()
+    memory, levels = make_inputs()
+    ratios = levels.valid_ratios
     seen = []
     hooks = [
         layer.cross_attn.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach().clone()))
         for layer in dec.layers
     ]
-    out = dec(memory, shapes, starts, ratios, pad)
+    out = dec(memory, levels)
     for h in hooks:
         h.remove()
     assert len(seen) == 3
@@ -187,28 +181,31 @@ def test_reference_points_given_to_deformable_attention_are_scaled_by_valid_rati
 def test_layer_is_post_norm_and_uses_self_attention():
     torch.manual_seed(0)
     layer = LocationDecoderLayer(D_MODEL, FFN, 0.0, LEVELS, HEADS, POINTS).eval()
-    memory, shapes, starts, ratios, pad = make_inputs()
+    memory, levels = make_inputs()
+    ratios = levels.valid_ratios
     tgt = torch.randn(2, 4, D_MODEL)
     pos = torch.randn(2, 4, D_MODEL)
     ref = torch.rand(2, 4, LEVELS, 2)
-    out = layer(tgt, pos, ref, memory, shapes, starts, pad)
+    out = layer(tgt, pos, ref, memory, levels)
     assert out.shape == tgt.shape
     # post-norm: every output token is layer-normalised
     torch.testing.assert_close(out.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
     # self-attention: a query's output depends on the other queries
     tgt2 = tgt.clone()
     tgt2[:, 1:] += 1.0
-    assert (layer(tgt2, pos, ref, memory, shapes, starts, pad)[:, 0] - out[:, 0]).abs().max() > 1e-4
+    assert (layer(tgt2, pos, ref, memory, levels)[:, 0] - out[:, 0]).abs().max() > 1e-4
 
 
 def test_bad_inputs_raise_value_error():
     dec = build(num_layers=1)
-    memory, shapes, starts, ratios, pad = make_inputs()
+    memory, levels = make_inputs()
+    ratios = levels.valid_ratios
+    pad = levels.padding_mask
     with pytest.raises(ValueError, match="valid_ratios"):
-        dec(memory, shapes, starts, ratios[:, :2], pad)
+        LevelLayout(levels.sizes, levels.spatial_shapes, levels.level_start_index, pad, ratios[:, :2])
     with pytest.raises(ValueError, match="memory"):
-        dec(memory[..., :-1], shapes, starts, ratios, pad)
-    with pytest.raises(ValueError, match="spatial_shapes"):
-        dec(memory, shapes[:2], starts[:2], ratios, pad)
+        dec(memory[..., :-1], levels)
+    with pytest.raises(ValueError, match="n_levels=3"):
+        dec(memory[:, :levels.first(2).num_tokens], levels.first(2))
     with pytest.raises(ValueError, match="padding_mask"):
-        dec(memory, shapes, starts, ratios, pad.float())
+        LevelLayout(levels.sizes, levels.spatial_shapes, levels.level_start_index, pad.float(), ratios)

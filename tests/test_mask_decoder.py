@@ -9,6 +9,7 @@ from panoptic_segformer.modeling.mask_decoder import (
     MaskDecoder,
     MultiHeadCrossAttentionWithMaps,
 )
+from panoptic_segformer.modeling.levels import LevelLayout
 
 D_MODEL, HEADS, FFN = 32, 2, 64
 SHAPES = [(8, 12), (4, 6), (2, 3)]
@@ -16,11 +17,12 @@ BIG_SHAPES = [(16, 24), (8, 12), (4, 6)]  # partner image twice as large: exact 
 NUM_THING_CLASSES = 4
 
 
-def level_meta(shapes):
-    starts = [0]
-    for h, w in shapes[:-1]:
-        starts.append(starts[-1] + h * w)
-    return torch.tensor(shapes, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
+def layout(shapes, pad=None, n=2):
+    """LevelLayout of ``shapes`` with the (N, S) token padding mask ``pad`` (default: none)."""
+    base = LevelLayout.from_sizes(shapes, n if pad is None else pad.shape[0])
+    if pad is None:
+        return base
+    return LevelLayout(base.sizes, base.spatial_shapes, base.level_start_index, pad, base.valid_ratios)
 
 
 def build(num_layers=3, self_attn=False, seed=0):
@@ -39,8 +41,7 @@ def build(num_layers=3, self_attn=False, seed=0):
 
 
 def run(dec, queries, pos, n_th, memory, memory_pos, pad, shapes, **kw):
-    spatial_shapes, starts = level_meta(shapes)
-    return dec(queries, pos, n_th, memory, memory_pos, pad, spatial_shapes, starts, **kw)
+    return dec(queries, pos, n_th, memory, memory_pos, layout(shapes, pad, memory.shape[0]), **kw)
 
 
 # ----------------------------------------------------------------------------- AttentionMaskHead
@@ -62,8 +63,8 @@ def random_attention(n=2, q=3, shapes=SHAPES, seed=0):
 def test_eq1_split_matches_manual_slices():
     head = AttentionMaskHead(HEADS, 3, 4)
     attn = random_attention()
-    spatial_shapes, starts = level_meta(SHAPES)
-    levels = head.split(attn, spatial_shapes, starts)
+    starts = torch.tensor(layout(SHAPES).starts)
+    levels = head.split(attn, layout(SHAPES))
     assert [tuple(x.shape) for x in levels] == [(6, HEADS, h, w) for h, w in SHAPES]
     for n, q, hd in [(0, 0, 0), (1, 2, 1), (1, 0, 1)]:
         for lvl, ((h, w), s) in enumerate(zip(SHAPES, starts.tolist())):
@@ -74,8 +75,8 @@ def test_eq1_split_matches_manual_slices():
 def test_eq2_fused_maps_are_bilinear_upsampled_manual_slices():
     head = AttentionMaskHead(HEADS, 3, 4)
     attn = random_attention()
-    spatial_shapes, starts = level_meta(SHAPES)
-    fused = head.fuse(attn, spatial_shapes, starts)
+    starts = torch.tensor(layout(SHAPES).starts)
+    fused = head.fuse(attn, layout(SHAPES))
     assert fused.shape == (6, HEADS * 3, 8, 12)
     n, q, hd = 1, 2, 1
     for lvl, ((h, w), s) in enumerate(zip(SHAPES, starts.tolist())):
@@ -91,10 +92,9 @@ def test_mask_head_forward_equals_convs_on_fused_maps(shapes):
     torch.manual_seed(0)
     head = AttentionMaskHead(HEADS, 3, 4)
     attn = random_attention(shapes=shapes)
-    spatial_shapes, starts = level_meta(shapes)
-    masks = head(attn, spatial_shapes, starts)
+    masks = head(attn, layout(shapes))
     assert masks.shape == (2, 3) + shapes[0]  # odd level-1 sizes work: size= of level 1
-    reference = head.conv2(F.relu(head.conv1(head.fuse(attn, spatial_shapes, starts))))
+    reference = head.conv2(F.relu(head.conv1(head.fuse(attn, layout(shapes)))))
     torch.testing.assert_close(masks, reference.view(2, 3, *shapes[0]), atol=1e-5, rtol=1e-5)
     # the same holds with a padding mask (edge replication before upsampling)
     pad = torch.zeros(2, attn.shape[-1], dtype=torch.bool)
@@ -104,18 +104,17 @@ def test_mask_head_forward_equals_convs_on_fused_maps(shapes):
         m[(h + 1) // 2 :, :] = True
         pad[1, s : s + h * w] = m.flatten()
         s += h * w
-    masks = head(attn, spatial_shapes, starts, pad)
-    reference = head.conv2(F.relu(head.conv1(head.fuse(attn, spatial_shapes, starts, pad))))
+    masks = head(attn, layout(shapes, pad))
+    reference = head.conv2(F.relu(head.conv1(head.fuse(attn, layout(shapes, pad)))))
     torch.testing.assert_close(masks, reference.view(2, 3, *shapes[0]), atol=1e-5, rtol=1e-5)
 
 
 def test_mask_head_rejects_mismatched_attention():
     head = AttentionMaskHead(HEADS, 3, 4)
-    spatial_shapes, starts = level_meta(SHAPES)
     with pytest.raises(ValueError, match="attn"):
-        head(random_attention()[..., :-1], spatial_shapes, starts)
+        head(random_attention()[..., :-1], layout(SHAPES))
     with pytest.raises(ValueError, match="levels"):
-        head(random_attention(), spatial_shapes[:2], starts[:2])
+        head(random_attention(), layout(SHAPES[:2]))
 
 
 # ----------------------------------------------------------------------------- cross-attention
@@ -204,10 +203,7 @@ def test_num_layers_and_return_attention():
     s = sum(h * w for h, w in SHAPES)
     assert all(out["attention"].shape == (2, HEADS, 6, s) for out in full)
     # the returned maps are the ones the masks are built from
-    spatial_shapes, starts = level_meta(SHAPES)
-    torch.testing.assert_close(
-        dec.mask_heads[1](full[1]["attention"], spatial_shapes, starts), full[1]["pred_masks"]
-    )
+    torch.testing.assert_close(dec.mask_heads[1](full[1]["attention"], layout(SHAPES)), full[1]["pred_masks"])
     with pytest.raises(ValueError, match="num_layers"):
         run(dec, queries, pos, 4, memory, mpos, None, SHAPES, num_layers=4)
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from panoptic_segformer.modeling.levels import LevelLayout
 from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
 
 SHAPES = [(5, 7), (3, 2), (1, 4)]  # ragged (H, W) per level
@@ -19,12 +20,12 @@ def reference_core(value, spatial_shapes, sampling_locations, attention_weights)
     _, Q, _, L, P, _ = sampling_locations.shape
     out = torch.zeros(N, Q, M, D, dtype=value.dtype)
     starts = [0]
-    for H, W in spatial_shapes.tolist():
+    for H, W in spatial_shapes:
         starts.append(starts[-1] + H * W)
     for n in range(N):
         for q in range(Q):
             for m in range(M):
-                for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+                for lvl, (H, W) in enumerate(spatial_shapes):
                     for p in range(P):
                         x = sampling_locations[n, q, m, lvl, p, 0].item() * W - 0.5
                         y = sampling_locations[n, q, m, lvl, p, 1].item() * H - 0.5
@@ -40,7 +41,13 @@ def reference_core(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 def _spatial_shapes():
-    return torch.tensor(SHAPES, dtype=torch.long)
+    return list(SHAPES)
+
+
+def _layout(mask):
+    """LevelLayout of SHAPES for the (N, S) token padding mask ``mask``."""
+    return LevelLayout.from_padding_masks([m.reshape(mask.shape[0], h, w) for m, (h, w)
+                                           in zip(mask.split([h * w for h, w in SHAPES], 1), SHAPES)])
 
 
 def test_core_matches_explicit_bilinear_float64():
@@ -116,8 +123,8 @@ def test_core_dtypes_and_location_cast():
     "value_shape,shapes,loc_shape,w_shape,match",
     [
         ((1, 35 + 6 + 4, 2), SHAPES, (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 2), "value"),
-        ((1, 44, 2, 4), SHAPES, (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 2), "spatial_shapes"),
-        ((1, 45, 2, 4), [(5, 7, 1)], (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 2), "spatial_shapes"),
+        ((1, 44, 2, 4), SHAPES, (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 2), "level sizes"),
+        ((1, 45, 2, 4), [(5, 7, 1)], (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 2), "level sizes"),
         ((1, 45, 2, 4), SHAPES, (1, 3, 2, 2, 2, 2), (1, 3, 2, 3, 2), "sampling_locations"),
         ((1, 45, 2, 4), SHAPES, (1, 3, 2, 3, 2, 3), (1, 3, 2, 3, 2), "sampling_locations"),
         ((1, 45, 2, 4), SHAPES, (1, 3, 2, 3, 2, 2), (1, 3, 2, 3, 1), "attention_weights"),
@@ -125,31 +132,24 @@ def test_core_dtypes_and_location_cast():
 )
 def test_core_shape_validation(value_shape, shapes, loc_shape, w_shape, match):
     with pytest.raises(ValueError, match=match):
-        ms_deform_attn_core(
-            torch.zeros(value_shape), torch.tensor(shapes), torch.zeros(loc_shape), torch.zeros(w_shape)
-        )
+        ms_deform_attn_core(torch.zeros(value_shape), shapes, torch.zeros(loc_shape), torch.zeros(w_shape))
 
 
-def test_core_rejects_float_spatial_shapes():
-    with pytest.raises(ValueError, match="integer"):
-        ms_deform_attn_core(
-            torch.zeros(1, 45, 2, 4),
-            torch.tensor(SHAPES).float(),
-            torch.zeros(1, 3, 2, 3, 2, 2),
-            torch.zeros(1, 3, 2, 3, 2),
-        )
+def test_core_rejects_non_integer_or_tensor_sizes():
+    for sizes in ([(5.0, 7), (3, 2), (1, 4)], torch.tensor(SHAPES)):
+        with pytest.raises(ValueError, match="integer"):
+            ms_deform_attn_core(torch.zeros(1, 45, 2, 4), sizes, torch.zeros(1, 3, 2, 3, 2, 2),
+                                torch.zeros(1, 3, 2, 3, 2))
 
 
 def _flat_inputs(g, N=2, C=16, Lq=5, ref_dim=2):
     S = sum(h * w for h, w in SHAPES)
-    shapes = _spatial_shapes()
-    start = torch.tensor([0, 35, 41])
     query = torch.randn(N, Lq, C, generator=g)
     ref = torch.rand(N, Lq, len(SHAPES), ref_dim, generator=g)
     if ref_dim == 4:
         ref[..., 2:] = ref[..., 2:] * 0.5 + 0.1
     x = torch.randn(N, S, C, generator=g)
-    return query, ref, x, shapes, start
+    return query, ref, x, LevelLayout.from_sizes(SHAPES, N)
 
 
 def _randomize(module, g):
@@ -190,9 +190,9 @@ def test_module_matches_explicit_computation(ref_dim):
     M, L, P, C = 2, 3, 2, 8
     attn = MSDeformAttn(d_model=C, n_levels=L, n_heads=M, n_points=P).double()
     _randomize(attn, g)
-    query, ref, x, shapes, start = _flat_inputs(g, N=1, C=C, Lq=2, ref_dim=ref_dim)
+    query, ref, x, levels = _flat_inputs(g, N=1, C=C, Lq=2, ref_dim=ref_dim)
     query, ref, x = query.double(), ref.double(), x.double()
-    out = attn(query, ref, x, shapes, start)
+    out = attn(query, ref, x, levels)
     assert out.shape == (1, 2, C)
 
     N, Lq = 1, 2
@@ -210,7 +210,7 @@ def test_module_matches_explicit_computation(ref_dim):
                     loc[:, :, :, lvl, p, :] = ref[:, :, None, lvl, :2] + off[:, :, :, lvl, p, :] * (
                         ref[:, :, None, lvl, 2:] * 0.5 / P
                     )
-        expected = attn.output_proj(reference_core(value, shapes, loc, w))
+        expected = attn.output_proj(reference_core(value, SHAPES, loc, w))
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
 
 
@@ -219,7 +219,7 @@ def test_padding_mask_removes_padded_values():
     C = 16
     attn = MSDeformAttn(d_model=C, n_levels=3, n_heads=4, n_points=3)
     _randomize(attn, g)
-    query, ref, x, shapes, start = _flat_inputs(g, C=C)
+    query, ref, x, unpadded = _flat_inputs(g, C=C)
     mask = torch.zeros(x.shape[:2], dtype=torch.bool)
     # pad the last two columns of level 0 of image 1, and the whole last level of image 0
     padded0 = torch.zeros(5, 7, dtype=torch.bool)
@@ -228,28 +228,27 @@ def test_padding_mask_removes_padded_values():
     mask[0, 41:] = True
     x_changed = x.clone()
     x_changed[mask] = torch.randn(int(mask.sum()), C, generator=g) * 10
-    out = attn(query, ref, x, shapes, start, mask)
-    out_changed = attn(query, ref, x_changed, shapes, start, mask)
+    out = attn(query, ref, x, _layout(mask))
+    out_changed = attn(query, ref, x_changed, _layout(mask))
     torch.testing.assert_close(out, out_changed, atol=1e-6, rtol=0)
     # without the mask those values do contribute
-    assert not torch.allclose(attn(query, ref, x, shapes, start), attn(query, ref, x_changed, shapes, start))
+    assert not torch.allclose(attn(query, ref, x, unpadded), attn(query, ref, x_changed, unpadded))
 
 
 def test_module_input_validation():
     g = torch.Generator().manual_seed(5)
     attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2)
-    query, ref, x, shapes, start = _flat_inputs(g, C=16)
+    query, ref, x, levels = _flat_inputs(g, C=16)
     with pytest.raises(ValueError, match="query"):
-        attn(query[..., :8], ref, x, shapes, start)
+        attn(query[..., :8], ref, x, levels)
     with pytest.raises(ValueError, match="reference_points"):
-        attn(query, ref[:, :, :2], x, shapes, start)
+        attn(query, ref[:, :, :2], x, levels)
     with pytest.raises(ValueError, match="reference_points"):
-        attn(query, torch.zeros(*ref.shape[:3], 3), x, shapes, start)
+        attn(query, torch.zeros(*ref.shape[:3], 3), x, levels)
     with pytest.raises(ValueError, match="input_flatten"):
-        attn(query, ref, x[:, :-1], shapes, start)
-    with pytest.raises(ValueError, match="input_spatial_shapes"):
-        attn(query, ref, x, shapes[:2], start)
-    with pytest.raises(ValueError, match="input_level_start_index"):
-        attn(query, ref, x, shapes, torch.tensor([0, 35, 40]))
-    with pytest.raises(ValueError, match="input_padding_mask"):
-        attn(query, ref, x, shapes, start, torch.zeros(x.shape[:2]))
+        attn(query, ref, x[:, :-1], levels)
+    with pytest.raises(ValueError, match="L=3"):  # a layout of 2 levels for a 3-level module
+        attn(query, ref, x[:, :41], levels.first(2))
+    with pytest.raises(ValueError, match="padding_mask"):  # the layout itself is validated once
+        LevelLayout(levels.sizes, levels.spatial_shapes, levels.level_start_index,
+                    torch.zeros(x.shape[:2]), levels.valid_ratios)

@@ -16,14 +16,12 @@ import pytest
 import torch
 
 from panoptic_segformer.modeling import ms_deform_attn_triton as msda_triton
+from panoptic_segformer.modeling.levels import LevelLayout
 from panoptic_segformer.modeling.ms_deform_attn import (
-    MSDA_IMPL_ENV,
     MSDeformAttn,
-    get_ms_deform_attn_impl,
     ms_deform_attn,
     ms_deform_attn_core,
     resolve_ms_deform_attn_impl,
-    set_ms_deform_attn_impl,
 )
 
 IN_INTERPRETER = msda_triton.triton_interpreter_mode()
@@ -45,16 +43,12 @@ S = sum(h * w for h, w in SHAPES)
 L = len(SHAPES)
 
 
-@pytest.fixture(autouse=True)
-def _default_impl(monkeypatch):
-    monkeypatch.delenv(MSDA_IMPL_ENV, raising=False)
-    set_ms_deform_attn_impl(None)
-    yield
-    set_ms_deform_attn_impl(None)
-
-
 def _levels():
     return torch.tensor(SHAPES, dtype=torch.long), torch.tensor(STARTS, dtype=torch.long)
+
+
+def _layout(n=2):
+    return LevelLayout.from_sizes(SHAPES, n)
 
 
 def _locations(g, N, Q, M, P, kinks=False):
@@ -103,7 +97,7 @@ def _triton(value, loc, weights):
 
 
 def _reference(value, loc, weights):
-    return ms_deform_attn_core(value, _levels()[0], loc, weights)
+    return ms_deform_attn_core(value, SHAPES, loc, weights)
 
 
 @needs_interpreter
@@ -186,74 +180,73 @@ def test_triton_function_validates_shapes():
         msda_triton.ms_deform_attn_triton(value.double(), shapes, starts, loc, weights)
 
 
-def test_dispatch_choice(monkeypatch):
-    """Which implementation is chosen, from tensor metadata and the switches (no kernel runs)."""
+def test_dispatch_choice():
+    """Which implementation is chosen, from tensor metadata and the per-module/per-call request."""
     value = torch.zeros(1, S, 2, 4)
-    assert get_ms_deform_attn_impl() == "auto"
     assert resolve_ms_deform_attn_impl(value) == "pytorch"  # auto: CPU tensors -> PyTorch
     assert resolve_ms_deform_attn_impl(value.double()) == "pytorch"
-    monkeypatch.setenv(MSDA_IMPL_ENV, " PyTorch")
-    assert get_ms_deform_attn_impl() == "pytorch"
-    monkeypatch.setenv(MSDA_IMPL_ENV, "triton")
-    assert get_ms_deform_attn_impl() == "triton"
-    set_ms_deform_attn_impl("pytorch")  # the setter overrides the environment
-    assert get_ms_deform_attn_impl() == "pytorch" and resolve_ms_deform_attn_impl(value) == "pytorch"
-    set_ms_deform_attn_impl("auto")  # "auto" defers to the environment again
-    assert get_ms_deform_attn_impl() == "triton"
-    set_ms_deform_attn_impl(None)
-    assert resolve_ms_deform_attn_impl(value, impl="pytorch") == "pytorch"  # per-call request wins
-    with pytest.raises(ValueError, match="set_ms_deform_attn_impl"):
-        set_ms_deform_attn_impl("cuda")
+    assert resolve_ms_deform_attn_impl(value, " PyTorch") == "pytorch"
     with pytest.raises(ValueError, match="impl"):
         resolve_ms_deform_attn_impl(value, impl="fast")
-    monkeypatch.setenv(MSDA_IMPL_ENV, "fast")
-    with pytest.raises(ValueError, match=MSDA_IMPL_ENV):
-        get_ms_deform_attn_impl()
+    with pytest.raises(ValueError, match="MSDeformAttn impl"):
+        MSDeformAttn(8, L, 2, 2, impl="cuda")
+
+
+def test_impl_is_chosen_per_module_not_per_process():
+    """Building a model with another MSDA_IMPL leaves an existing model's modules unchanged."""
+    from detectron2.modeling import build_model
+
+    from conftest import small_cfg
+
+    from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn as Attn
+
+    def impls(model):
+        return {m.impl for m in model.modules() if isinstance(m, Attn)}
+
+    first = build_model(small_cfg("MODEL.PANOPTIC_SEGFORMER.MSDA_IMPL", "pytorch"))
+    second = build_model(small_cfg("MODEL.PANOPTIC_SEGFORMER.MSDA_IMPL", "triton"))
+    assert impls(first) == {"pytorch"} and impls(second) == {"triton"}
+    a, b = MSDeformAttn(8, L, 2, 2, impl="pytorch"), MSDeformAttn(8, L, 2, 2, impl="auto")
+    assert (a.impl, b.impl) == ("pytorch", "auto")
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="Triton's interpreter is on: forcing Triton on CPU is allowed")
-def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error():
     value, loc, weights = (t.float() for t in _inputs(5, D=4))
     shapes, starts = _levels()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ms_deform_attn(value, shapes, starts, loc, weights, impl="triton")
+        ms_deform_attn(value, _layout(), loc, weights, impl="triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         msda_triton.ms_deform_attn_triton(value, shapes, starts, loc, weights)
-    monkeypatch.setenv(MSDA_IMPL_ENV, "triton")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ms_deform_attn(value, shapes, starts, loc, weights)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # a module built with impl="triton"
+        x = torch.randn(2, S, 8)
+        MSDeformAttn(8, L, 2, 2, impl="triton")(x[:, :3], torch.rand(2, 3, L, 2), x, _layout())
     # the automatic choice still works on CPU
-    monkeypatch.setenv(MSDA_IMPL_ENV, "auto")
     torch.testing.assert_close(
-        ms_deform_attn(value, shapes, starts, loc, weights), _reference(value, loc, weights), atol=0, rtol=0
+        ms_deform_attn(value, _layout(), loc, weights), _reference(value, loc, weights), atol=0, rtol=0
     )
 
 
 @needs_interpreter
-def test_dispatch_runs_the_chosen_kernel(monkeypatch):
+def test_dispatch_runs_the_chosen_kernel():
     value, loc, weights = (t.float() for t in _inputs(5, D=4))
-    shapes, starts = _levels()
     value.requires_grad_(True)
 
-    def backend():
-        out = ms_deform_attn(value, shapes, starts, loc, weights)
+    def backend(impl):
+        out = ms_deform_attn(value, _layout(), loc, weights, impl)
         return "triton" if "MSDeformAttnFunction" in out.grad_fn.name() else "pytorch"
 
-    assert backend() == "pytorch"  # auto on CPU, even in the interpreter
-    monkeypatch.setenv(MSDA_IMPL_ENV, "triton")
-    assert backend() == "triton"
-    set_ms_deform_attn_impl("pytorch")
-    assert backend() == "pytorch"
-    set_ms_deform_attn_impl("auto")
-    assert backend() == "triton"
+    assert backend("auto") == "pytorch"  # auto on CPU, even in the interpreter
+    assert backend("triton") == "triton"
+    assert backend("pytorch") == "pytorch"
     torch.testing.assert_close(
-        ms_deform_attn(value, shapes, starts, loc, weights, impl="triton"),
-        ms_deform_attn(value, shapes, starts, loc, weights, impl="pytorch"),
+        ms_deform_attn(value, _layout(), loc, weights, impl="triton"),
+        ms_deform_attn(value, _layout(), loc, weights, impl="pytorch"),
         atol=1e-5,
         rtol=1e-5,
     )
     with pytest.raises(ValueError, match="float64"):
-        ms_deform_attn(value.double(), shapes, starts, loc, weights, impl="triton")
+        ms_deform_attn(value.double(), _layout(), loc, weights, impl="triton")
 
 
 @needs_interpreter
@@ -268,12 +261,11 @@ def test_module_forward_backward_same_with_either_backend():
     query = torch.randn(2, 5, C, generator=g)
     ref = torch.rand(2, 5, L, 2, generator=g)
     x = torch.randn(2, S, C, generator=g)
-    shapes, starts = _levels()
     results = {}
     for impl in ("pytorch", "triton"):
-        set_ms_deform_attn_impl(impl)
+        attn.impl = impl
         attn.zero_grad()
-        out = attn(query, ref, x, shapes, starts)
+        out = attn(query, ref, x, _layout())
         out.square().sum().backward()
         results[impl] = (out.detach(), [p.grad.clone() for p in attn.parameters()])
     torch.testing.assert_close(results["triton"][0], results["pytorch"][0], atol=1e-5, rtol=1e-5)

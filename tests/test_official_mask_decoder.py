@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 
+from panoptic_segformer.modeling.levels import LevelLayout
 from panoptic_segformer.modeling.official_mask_decoder import (
     OfficialMaskDecoder,
     OfficialMaskHead,
@@ -16,6 +17,10 @@ from conftest import small_cfg
 SHAPES = [(6, 8), (3, 4), (2, 2)]
 STARTS = [0, 48, 60]
 S = 64
+
+
+def _layout(n):
+    return LevelLayout.from_sizes(SHAPES, n)
 
 
 def _decoder(seed=0, **kw):
@@ -29,10 +34,9 @@ def _decoder(seed=0, **kw):
     return dec
 
 
-def _run(dec, queries, num_things, query_pos=None, padding_mask=None):
+def _run(dec, queries, num_things, query_pos=None):
     memory = torch.randn(queries.shape[0], S, queries.shape[-1], generator=torch.Generator().manual_seed(3))
-    return dec(queries, query_pos, num_things, memory, None, padding_mask,
-               torch.tensor(SHAPES), torch.tensor(STARTS))
+    return dec(queries, query_pos, num_things, memory, None, _layout(queries.shape[0]))
 
 
 def test_official_mask_head_formula_and_size():
@@ -40,7 +44,7 @@ def test_official_mask_head_formula_and_size():
     head = OfficialMaskHead(n_heads=8, n_levels=3)
     assert sum(p.numel() for p in head.parameters()) == 3 * (8 * 8 + 8) + 24 + 1  # 241
     attn = torch.randn(2, 8, 5, S)
-    out = head(attn, SHAPES, STARTS)
+    out = head(attn, _layout(2))
     assert out.shape == (2, 5, 6, 8) and (out >= 0).all()
     # Independent computation with convolutions on (N*Q, h, H, W) maps.
     maps = []
@@ -52,7 +56,7 @@ def test_official_mask_head_formula_and_size():
     ref = F.relu(F.conv2d(torch.cat(maps, 1), head.fc.weight[:, :, None, None], head.fc.bias))
     torch.testing.assert_close(out, ref.view(2, 5, 6, 8), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not match"):
-        head(attn[..., :-1], SHAPES, STARTS)
+        head(attn[..., :-1], _layout(2))
 
 
 def test_official_decoder_outputs_and_query_independence():
@@ -89,8 +93,7 @@ def test_official_decoder_rejects_unsupported_options():
     dec = _decoder()
     q = torch.randn(1, 5, 32)
     with pytest.raises(ValueError, match="NUM_MASK_DECODER_LAYERS"):
-        dec(q, None, 2, torch.randn(1, S, 32), None, None, torch.tensor(SHAPES), torch.tensor(STARTS),
-            num_layers=1)
+        dec(q, None, 2, torch.randn(1, S, 32), None, _layout(1), num_layers=1)
     with pytest.raises(ValueError, match="num_thing_queries"):
         _run(dec, q, 6)
 
@@ -116,7 +119,7 @@ def test_meta_architecture_in_official_mode():
         srcs, _, _ = model._multi_scale_inputs(images)
     # Four encoder levels, the fourth at half the resolution of the third.
     assert [tuple(s.shape[-2:]) for s in srcs][2:] == [(3, 4), (2, 2)]
-    assert out["spatial_shapes"].shape == (4, 2)
+    assert len(srcs) == 4 and out["levels"].num_levels == 3  # the mask decoder reads the backbone levels
     # Thing predictions are the top (query, class) pairs of the last location-decoder layer.
     loc = out["location"]["pred_logits"][-1][0]
     top = loc.flatten().topk(7)

@@ -7,17 +7,17 @@ Deformable DETR [12].
 """
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .levels import LevelLayout
 from .ms_deform_attn import MSDeformAttn
 
 __all__ = [
     "PositionEmbeddingSine",
-    "get_valid_ratio",
     "get_reference_points",
     "DeformableTransformerEncoderLayer",
     "DeformableTransformerEncoder",
@@ -86,53 +86,20 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
-def get_valid_ratio(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fraction of a padded map covered by the image, as Deformable DETR [12].
-
-    Args:
-        mask: (N, H, W) bool, True at padding (the image occupies the top-left corner).
-
-    Returns:
-        (N, 2) as (w_ratio, h_ratio) = (valid width / W, valid height / H).
-    """
-    if mask.dim() != 3 or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor of shape (N, H, W), got {mask.dtype} {tuple(mask.shape)}")
-    _, H, W = mask.shape
-    valid_H = (~mask[:, :, 0]).sum(1)
-    valid_W = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_W.to(dtype) / W, valid_H.to(dtype) / H], -1)
-
-
-def get_reference_points(
-    spatial_shapes: Union[Tensor, Sequence[Sequence[int]]],
-    valid_ratios: Tensor,
-    device: Optional[torch.device] = None,
-) -> Tensor:
+def get_reference_points(levels: LevelLayout) -> Tensor:
     """Encoder reference points of Deformable DETR [12]: every token's own pixel centre, normalized by
     its image's valid size, then expressed on every level of the padded maps.
 
     Args:
-        spatial_shapes: (L, 2) (H_l, W_l) per level.
-        valid_ratios: (N, L, 2) as (w_ratio, h_ratio), see :func:`get_valid_ratio`.
-        device: device of the result (default: that of ``valid_ratios``).
+        levels: the tokens' layout (sizes, and ``valid_ratios`` (N, L, 2) as (w_ratio, h_ratio)).
 
     Returns:
-        (N, S, L, 2) normalized (x, y) reference points, ``S = sum_l H_l * W_l``.
+        (N, S, L, 2) normalized (x, y) reference points in ``valid_ratios``' dtype and device.
     """
-    if isinstance(spatial_shapes, Tensor):
-        sizes = spatial_shapes.tolist()  # a host-device sync for a CUDA tensor; the encoder passes a list
-    else:
-        sizes = [(int(h), int(w)) for h, w in spatial_shapes]
-    if valid_ratios.dim() != 3 or valid_ratios.shape[1:] != (len(sizes), 2):
-        raise ValueError(
-            f"valid_ratios must have shape (N, {len(sizes)}, 2) for {len(sizes)} levels, "
-            f"got {tuple(valid_ratios.shape)}"
-        )
-    device = valid_ratios.device if device is None else device
-    valid_ratios = valid_ratios.to(device)
-    dtype = valid_ratios.dtype
+    valid_ratios = levels.valid_ratios
+    device, dtype = valid_ratios.device, valid_ratios.dtype
     reference_points_list = []
-    for lvl, (H, W) in enumerate(sizes):
+    for lvl, (H, W) in enumerate(levels.sizes):
         ref_y, ref_x = torch.meshgrid(
             torch.linspace(0.5, H - 0.5, H, dtype=dtype, device=device),
             torch.linspace(0.5, W - 0.5, W, dtype=dtype, device=device),
@@ -164,9 +131,10 @@ class DeformableTransformerEncoderLayer(nn.Module):
         n_levels: int = 3,
         n_heads: int = 8,
         n_points: int = 4,
+        msda_impl: str = "auto",
     ):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, msda_impl)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -175,53 +143,32 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(
-        self,
-        src: Tensor,
-        pos: Tensor,
-        reference_points: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        padding_mask: Optional[Tensor] = None,
-        spatial_sizes: Optional[Sequence[Tuple[int, int]]] = None,
-    ) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, levels: LevelLayout) -> Tensor:
         """
         Args:
-            src: (N, S, C) tokens.
-            pos: (N, S, C) positional (+ level) embedding, added to the queries only.
-            reference_points: (N, S, L, 2) normalized (x, y).
-            spatial_shapes: (L, 2) int64; level_start_index: (L,) int64.
-            padding_mask: optional (N, S) bool, True at padding.
-            spatial_sizes: optional Python (H_l, W_l) per level, the values of ``spatial_shapes``
-                (then no host-device sync, see :class:`MSDeformAttn`).
+            src: (N, S, C) tokens; pos: (N, S, C) positional (+ level) embedding, added to the queries only.
+            reference_points: (N, S, L, 2) normalized (x, y); levels: the tokens' layout.
 
         Returns:
             (N, S, C)
         """
-        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
-                              spatial_sizes=spatial_sizes)
+        src2 = self.self_attn(src + pos, reference_points, src, levels)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(src2))
 
 
 class EncoderOutput(NamedTuple):
-    """Output of :class:`DeformableTransformerEncoder` (the tokens F of paper Sec. 3.2 plus metadata).
+    """Output of :class:`DeformableTransformerEncoder`: the tokens F of paper Sec. 3.2 and their layout.
 
-    memory: (N, S, C) refined tokens; spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,)
-    int64; valid_ratios: (N, L, 2) as (w_ratio, h_ratio); padding_mask: (N, S) bool, True at padding;
-    pos: (N, S, C) sine positional + level embedding (for keys in later decoders);
-    spatial_sizes: the same (H_l, W_l) as Python ints, so that later modules need not read
-    ``spatial_shapes`` back from the device (a host-device sync on a GPU).
+    memory: (N, S, C) refined tokens; pos: (N, S, C) sine positional + level embedding (for keys in
+    later decoders); levels: the :class:`~.levels.LevelLayout` of the tokens (sizes as Python ints, so
+    later modules never read level metadata back from the device).
     """
 
     memory: Tensor
-    spatial_shapes: Tensor
-    level_start_index: Tensor
-    valid_ratios: Tensor
-    padding_mask: Tensor
     pos: Tensor
-    spatial_sizes: Optional[Tuple[Tuple[int, int], ...]] = None
+    levels: LevelLayout
 
 
 class DeformableTransformerEncoder(nn.Module):
@@ -235,6 +182,7 @@ class DeformableTransformerEncoder(nn.Module):
         n_heads, n_levels, n_points: see :class:`MSDeformAttn`.
         d_ffn: FFN hidden channels.
         dropout: dropout rate.
+        msda_impl: deformable-attention implementation of every layer (see :class:`MSDeformAttn`).
     """
 
     def __init__(
@@ -246,6 +194,7 @@ class DeformableTransformerEncoder(nn.Module):
         n_points: int = 4,
         d_ffn: int = 1024,
         dropout: float = 0.1,
+        msda_impl: str = "auto",
     ):
         super().__init__()
         self.d_model = d_model
@@ -253,7 +202,7 @@ class DeformableTransformerEncoder(nn.Module):
         self.num_layers = num_layers
         self.layers = nn.ModuleList(
             [
-                DeformableTransformerEncoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+                DeformableTransformerEncoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points, msda_impl)
                 for _ in range(num_layers)
             ]
         )
@@ -278,10 +227,8 @@ class DeformableTransformerEncoder(nn.Module):
             pos_embeds: L tensors (N, C, H_l, W_l) positional encodings (e.g. PositionEmbeddingSine).
 
         Returns:
-            EncoderOutput with memory (N, S, C), ``S = sum_l H_l * W_l``.
-
-        The forward pass makes no host-device sync: level sizes come from the tensors' shapes, and the
-        (L, 2) ``spatial_shapes`` tensor is copied to the device without blocking.
+            EncoderOutput with memory (N, S, C), ``S = sum_l H_l * W_l``, and the tokens' LevelLayout,
+            built here once from the masks' shapes (the forward pass makes no host-device sync).
         """
         L = self.n_levels
         if not (len(srcs) == len(masks) == len(pos_embeds) == L):
@@ -290,33 +237,19 @@ class DeformableTransformerEncoder(nn.Module):
                 f"{len(srcs)}, {len(masks)}, {len(pos_embeds)}"
             )
         N = srcs[0].shape[0]
-        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
         for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
             if src.dim() != 4 or src.shape[0] != N or src.shape[1] != self.d_model:
                 raise ValueError(f"srcs[{lvl}] must have shape ({N}, {self.d_model}, H, W), got {tuple(src.shape)}")
-            h, w = src.shape[2:]
-            if mask.shape != (N, h, w) or mask.dtype != torch.bool:
-                raise ValueError(
-                    f"masks[{lvl}] must be a bool tensor of shape {(N, h, w)}, got {mask.dtype} {tuple(mask.shape)}"
-                )
+            if mask.shape != (N,) + src.shape[2:] or mask.dtype != torch.bool:
+                raise ValueError(f"masks[{lvl}] must be a bool tensor of shape {(N,) + tuple(src.shape[2:])}, "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
             if pos.shape != src.shape:
                 raise ValueError(f"pos_embeds[{lvl}] must have shape {tuple(src.shape)}, got {tuple(pos.shape)}")
-            shapes.append((int(h), int(w)))
-            src_flatten.append(src.flatten(2).transpose(1, 2))  # (N, H*W, C)
-            mask_flatten.append(mask.flatten(1))  # (N, H*W)
-            pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1).to(pos.dtype))
-        device = srcs[0].device
-        memory = torch.cat(src_flatten, 1)
-        padding_mask = torch.cat(mask_flatten, 1)
-        pos = torch.cat(pos_flatten, 1)
-        # From pageable host memory, a non-blocking copy is staged at once and does not wait for the device.
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long).to(device, non_blocking=True)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([get_valid_ratio(m, dtype=memory.dtype) for m in masks], 1)  # (N, L, 2)
-
-        reference_points = get_reference_points(shapes, valid_ratios, device=device)
+        levels = LevelLayout.from_padding_masks(masks, dtype=srcs[0].dtype)
+        memory = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # (N, S, C)
+        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1).to(p.dtype)
+                         for lvl, p in enumerate(pos_embeds)], 1)
+        reference_points = get_reference_points(levels)
         for layer in self.layers:
-            memory = layer(memory, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
-                           spatial_sizes=shapes)
-        return EncoderOutput(memory, spatial_shapes, level_start_index, valid_ratios, padding_mask, pos,
-                             tuple(shapes))
+            memory = layer(memory, pos, reference_points, levels)
+        return EncoderOutput(memory, pos, levels)

@@ -33,38 +33,22 @@ Shapes: ``N`` batch, ``Q`` queries (thing then stuff), ``C`` channels, ``h`` hea
 from __future__ import annotations
 
 import copy
-import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ms_deform_attn import level_start_offsets
+from .layers import focal_prior_bias
+from .levels import LevelLayout
 
 __all__ = [
-    "focal_prior_bias",
-    "check_multiscale_inputs",
     "MultiHeadCrossAttentionWithMaps",
     "AttentionMaskHead",
     "MaskDecoderLayer",
     "MaskDecoder",
+    "check_decoder_inputs",
 ]
-
-ShapesLike = Union[Tensor, Sequence[Sequence[int]]]
-
-
-def _as_shapes(spatial_shapes: ShapesLike) -> List[Tuple[int, int]]:
-    if isinstance(spatial_shapes, Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
-
-
-def _as_starts(level_start_index: Union[Tensor, Sequence[int]]) -> List[int]:
-    if isinstance(level_start_index, Tensor):
-        level_start_index = level_start_index.tolist()
-    return [int(s) for s in level_start_index]
-
 
 def _replicate_index(level_padding_mask: Tensor) -> Tensor:
     """Flat source index that edge-replicates each image's valid (top-left) region over its padding.
@@ -82,71 +66,6 @@ def _replicate_index(level_padding_mask: Tensor) -> Tensor:
     rows = torch.minimum(torch.arange(h, device=device)[None], valid_h[:, None] - 1)  # (N, H)
     cols = torch.minimum(torch.arange(w, device=device)[None], valid_w[:, None] - 1)  # (N, W)
     return (rows[:, :, None] * w + cols[:, None, :]).reshape(n, h * w)
-
-
-def focal_prior_bias(prior_prob: float = 0.01) -> float:
-    """Bias making ``sigmoid(bias) == prior_prob`` (focal-loss prior, RetinaNet Sec. 4.1): -log((1-p)/p)."""
-    return -math.log((1.0 - prior_prob) / prior_prob)
-
-
-def check_multiscale_inputs(
-    memory: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    padding_mask: Optional[Tensor],
-    d_model: int,
-    n_levels: int,
-    spatial_sizes: Optional[Sequence[Sequence[int]]] = None,
-) -> List[tuple]:
-    """Validate the flattened multi-scale encoder tokens F (Sec. 3.2) and return ``[(H_l, W_l), ...]``.
-
-    Args:
-        memory: (N, S, C) tokens of all levels, level-major, each level row-major (H_l, W_l).
-        spatial_shapes: (L, 2) int64 (H_l, W_l).
-        level_start_index: (L,) start offset of each level in S.
-        padding_mask: (N, S) bool, True = padding, or None.
-        spatial_sizes: optional Python ``[(H_l, W_l), ...]``, the values of ``spatial_shapes``. Given,
-            the tensors' values are trusted and never read (no host-device sync); only shapes are checked.
-    Raises:
-        ValueError naming the offending argument and the shapes.
-    """
-    if memory.dim() != 3 or memory.shape[-1] != d_model:
-        raise ValueError(f"memory must be (N, S, {d_model}), got {tuple(memory.shape)}")
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape != (n_levels, 2):
-        raise ValueError(f"spatial_shapes must be ({n_levels}, 2), got {tuple(spatial_shapes.shape)}")
-    if spatial_shapes.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
-    if level_start_index.shape != (n_levels,):
-        raise ValueError(f"level_start_index must be ({n_levels},), got {tuple(level_start_index.shape)}")
-    if spatial_sizes is not None:
-        shapes = [(int(h), int(w)) for h, w in spatial_sizes]
-        total = sum(h * w for h, w in shapes)
-        if len(shapes) != n_levels or total != memory.shape[1]:
-            raise ValueError(f"spatial_sizes {shapes} must give {n_levels} levels summing to "
-                             f"S={memory.shape[1]} tokens")
-        _check_padding_mask(padding_mask, memory)
-        return shapes
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    total = sum(h * w for h, w in shapes)
-    if total != memory.shape[1]:
-        raise ValueError(f"memory has S={memory.shape[1]} tokens but spatial_shapes {shapes} sum to {total}")
-    starts = level_start_offsets(shapes)
-    if level_start_index.tolist() != starts:
-        raise ValueError(
-            f"level_start_index {level_start_index.tolist()} does not match spatial_shapes {shapes} "
-            f"(expected {starts})"
-        )
-    _check_padding_mask(padding_mask, memory)
-    return shapes
-
-
-def _check_padding_mask(padding_mask: Optional[Tensor], memory: Tensor) -> None:
-    if padding_mask is not None:
-        if padding_mask.shape != memory.shape[:2] or padding_mask.dtype != torch.bool:
-            raise ValueError(
-                f"padding_mask must be bool (N, S)={tuple(memory.shape[:2])}, "
-                f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
-            )
 
 
 class MultiHeadCrossAttentionWithMaps(nn.Module):
@@ -244,86 +163,58 @@ class AttentionMaskHead(nn.Module):
         """``hidden*(h*L) + hidden`` (first conv) ``+ hidden + 1`` (second conv)."""
         return hidden * (n_heads * n_levels + 2) + 1
 
-    def _check(self, attn: Tensor, shapes: List[Tuple[int, int]], starts: List[int]) -> None:
-        if attn.dim() != 4 or attn.shape[1] != self.n_heads:
-            raise ValueError(f"attn must be (N, h={self.n_heads}, Q, S), got {tuple(attn.shape)}")
-        if len(shapes) != self.n_levels or len(starts) != self.n_levels:
-            raise ValueError(
-                f"expected {self.n_levels} levels, got spatial_shapes {shapes} and level_start_index {starts}"
-            )
-        total = sum(h * w for h, w in shapes)
-        if attn.shape[-1] != total:
-            raise ValueError(f"attn has S={attn.shape[-1]} but spatial_shapes {shapes} sum to {total}")
+    def _check(self, attn: Tensor, levels: LevelLayout) -> None:
+        if attn.dim() != 4 or attn.shape[1] != self.n_heads or levels.num_levels != self.n_levels \
+                or attn.shape[-1] != levels.num_tokens or attn.shape[0] != levels.batch_size:
+            raise ValueError(f"attn must be (N, h={self.n_heads}, Q, S) over {self.n_levels} levels, got "
+                             f"{tuple(attn.shape)} for {levels}")
 
-    def split(self, attn: Tensor, spatial_shapes: ShapesLike, level_start_index) -> List[Tensor]:
+    def split(self, attn: Tensor, levels: LevelLayout) -> List[Tensor]:
         """Eq. 1: (N, h, Q, S) -> [(N*Q, h, H_l, W_l) for each level l]."""
-        shapes, starts = _as_shapes(spatial_shapes), _as_starts(level_start_index)
-        self._check(attn, shapes, starts)
+        self._check(attn, levels)
         n, h, q, _ = attn.shape
-        out = []
-        for (hl, wl), start in zip(shapes, starts):
-            a = attn[..., start : start + hl * wl].permute(0, 2, 1, 3)  # (N, Q, h, H_l*W_l)
-            out.append(a.reshape(n * q, h, hl, wl))
-        return out
+        return [a.permute(0, 2, 1, 3).reshape(n * q, h, hl, wl)  # (N, Q, h, H_l*W_l) -> maps
+                for a, (hl, wl) in zip(levels.split(attn, dim=-1), levels.sizes)]
 
-    def fuse(
-        self,
-        attn: Tensor,
-        spatial_shapes: ShapesLike,
-        level_start_index,
-        padding_mask: Optional[Tensor] = None,
-    ) -> Tensor:
-        """Eq. 1 + Eq. 2: A_fused = Concat(A_1, Up(A_2), Up(A_3)) of shape (N*Q, h*L, H_1, W_1).
-
-        With ``padding_mask`` (N, S) each level is edge-replicated over its padding before upsampling.
-        """
-        shapes, starts = _as_shapes(spatial_shapes), _as_starts(level_start_index)
-        self._check(attn, shapes, starts)
+    def _level_maps(self, attn: Tensor, levels: LevelLayout, weight: Optional[Tensor] = None):
+        """Yield per level l the (N*Q, c, H_l, W_l) maps of ``A_l`` -- the h head maps, or with ``weight``
+        (c, L, h) their mix ``weight[:, l] A_l`` (the head's first 1x1 conv) -- edge-replicated over each
+        image's padding (module docstring)."""
         n, h, q, _ = attn.shape
-        size1 = shapes[0]
-        maps = []
-        for lvl, ((hl, wl), start) in enumerate(zip(shapes, starts)):
-            a = attn[..., start : start + hl * wl]  # (N, h, Q, H_l*W_l)
-            if padding_mask is not None:
-                idx = _replicate_index(padding_mask[:, start : start + hl * wl].view(n, hl, wl))
-                a = a.gather(-1, idx[:, None, None, :].expand(n, h, q, hl * wl))
-            a = a.permute(0, 2, 1, 3).reshape(n * q, h, hl, wl)
-            if lvl > 0:
-                a = F.interpolate(a, size=size1, mode="bilinear", align_corners=False)
-            maps.append(a)
-        return torch.cat(maps, dim=1)
+        pads = levels.split(levels.padding_mask, dim=1)
+        for lvl, (a, pad, (hl, wl)) in enumerate(zip(levels.split(attn, dim=-1), pads, levels.sizes)):
+            if weight is None:
+                a = a.permute(0, 2, 1, 3)  # (N, Q, h, H_l*W_l)
+            else:
+                a = torch.einsum("nhqs,ch->nqcs", a, weight[:, lvl])  # (N, Q, c, H_l*W_l)
+            idx = _replicate_index(pad.view(n, hl, wl))
+            a = a.gather(-1, idx[:, None, None, :].expand(a.shape))
+            yield a.reshape(n * q, a.shape[2], hl, wl)
 
-    def forward(
-        self,
-        attn: Tensor,
-        spatial_shapes: ShapesLike,
-        level_start_index,
-        padding_mask: Optional[Tensor] = None,
-    ) -> Tensor:
+    def fuse(self, attn: Tensor, levels: LevelLayout) -> Tensor:
+        """Eq. 1 + Eq. 2: A_fused = Concat(A_1, Up(A_2), Up(A_3)) of shape (N*Q, h*L, H_1, W_1), each level
+        edge-replicated over its padding before upsampling."""
+        self._check(attn, levels)
+        size1 = levels.sizes[0]
+        return torch.cat([a if lvl == 0 else F.interpolate(a, size=size1, mode="bilinear", align_corners=False)
+                          for lvl, a in enumerate(self._level_maps(attn, levels))], dim=1)
+
+    def forward(self, attn: Tensor, levels: LevelLayout) -> Tensor:
         """
         Args:
-            attn: (N, h, Q, S) attention maps A of one decoder layer.
-            spatial_shapes: (L, 2) (H_l, W_l); level_start_index: (L,).
-            padding_mask: (N, S) bool, True = padding, or None.
+            attn: (N, h, Q, S) attention maps A of one decoder layer; levels: the layout of S.
         Returns:
             (N, Q, H_1, W_1) mask logits at the level-1 (1/8) resolution of the padded batch.
             Equal to ``conv2(relu(conv1(fuse(attn))))``, computed without materialising ``fuse``.
         """
-        shapes, starts = _as_shapes(spatial_shapes), _as_starts(level_start_index)
-        self._check(attn, shapes, starts)
+        self._check(attn, levels)
         n, h, q, _ = attn.shape
-        size1 = shapes[0]
+        size1 = levels.sizes[0]
         if q == 0:
             return attn.new_zeros((n, 0) + size1)
         weight = self.conv1.weight.view(self.hidden, self.n_levels, h)  # channel index = level*h + head
         fused = None
-        for lvl, ((hl, wl), start) in enumerate(zip(shapes, starts)):
-            a = attn[..., start : start + hl * wl]
-            p = torch.einsum("nhqs,ch->nqcs", a, weight[:, lvl])  # (N, Q, hidden, H_l*W_l)
-            if padding_mask is not None:
-                idx = _replicate_index(padding_mask[:, start : start + hl * wl].view(n, hl, wl))
-                p = p.gather(-1, idx[:, None, None, :].expand(n, q, self.hidden, hl * wl))
-            p = p.reshape(n * q, self.hidden, hl, wl)
+        for lvl, p in enumerate(self._level_maps(attn, levels, weight)):
             if lvl > 0:
                 p = F.interpolate(p, size=size1, mode="bilinear", align_corners=False)
             fused = p if fused is None else fused + p
@@ -392,6 +283,28 @@ class MaskDecoderLayer(nn.Module):
         return tgt, attn
 
 
+def check_decoder_inputs(decoder: nn.Module, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int,
+                         memory: Tensor, memory_pos: Optional[Tensor], levels: LevelLayout,
+                         num_layers: Optional[int]) -> int:
+    """Shape checks shared by the mask decoders (``decoder.d_model``, ``.n_levels``, ``.num_layers``);
+    returns the number of layers to run (``num_layers``, default all). Raises ValueError naming the
+    argument."""
+    levels.check_tokens(memory, "memory", decoder.d_model)
+    if levels.num_levels != decoder.n_levels:
+        raise ValueError(f"{type(decoder).__name__}(n_levels={decoder.n_levels}) got {levels}")
+    if queries.dim() != 3 or queries.shape[0] != memory.shape[0] or queries.shape[-1] != decoder.d_model:
+        raise ValueError(f"queries must be (N={memory.shape[0]}, Q, {decoder.d_model}), got {tuple(queries.shape)}")
+    for name, t, like in (("query_pos", query_pos, queries), ("memory_pos", memory_pos, memory)):
+        if t is not None and t.shape != like.shape:
+            raise ValueError(f"{name} must match {tuple(like.shape)}, got {tuple(t.shape)}")
+    if not 0 <= num_thing_queries <= queries.shape[1]:
+        raise ValueError(f"num_thing_queries must be in [0, Q={queries.shape[1]}], got {num_thing_queries}")
+    num_layers = decoder.num_layers if num_layers is None else num_layers
+    if not 0 <= num_layers <= decoder.num_layers:
+        raise ValueError(f"num_layers must be in [0, {decoder.num_layers}], got {num_layers}")
+    return num_layers
+
+
 class MaskDecoder(nn.Module):
     """Mask decoder (Sec. 3.3.3): classes and masks for thing and stuff queries from every layer.
 
@@ -447,70 +360,34 @@ class MaskDecoder(nn.Module):
         for fc in list(self.thing_class_embed) + list(self.stuff_class_embed):
             nn.init.constant_(fc.bias, bias)
 
-    def forward(
-        self,
-        queries: Tensor,
-        query_pos: Optional[Tensor],
-        num_thing_queries: int,
-        memory: Tensor,
-        memory_pos: Optional[Tensor],
-        padding_mask: Optional[Tensor],
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        num_layers: Optional[int] = None,
-        return_attention: bool = False,
-        spatial_sizes: Optional[Sequence[Sequence[int]]] = None,
-    ) -> List[Dict[str, Tensor]]:
+    def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int, memory: Tensor,
+                memory_pos: Optional[Tensor], levels: LevelLayout, num_layers: Optional[int] = None,
+                return_attention: bool = False) -> List[Dict[str, Tensor]]:
         """
         Args:
             queries: (N, Q, C), the first ``num_thing_queries`` are thing queries, the rest stuff queries
                 (stuff query i belongs to stuff class i).
             query_pos: (N, Q, C) or None.
             memory: (N, S, C) encoder tokens F; memory_pos: (N, S, C) or None.
-            padding_mask: (N, S) bool, True = padding, or None.
-            spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,).
+            levels: the layout of S (padding keys are excluded from the softmax).
             num_layers: run only the first ``num_layers`` layers (Table 10); default all.
             return_attention: also return each layer's attention maps.
-            spatial_sizes: optional Python (H_l, W_l) per level (see :func:`check_multiscale_inputs`).
         Returns:
             list over the layers run of dicts with
             "thing_logits": (N, Q_th, num_thing_classes); "stuff_logits": (N, Q_st) ((N, 0) if none);
             "pred_masks": (N, Q, H_1, W_1) mask logits at 1/8 of the padded batch;
             "attention": (N, h, Q, S) pre-softmax attention maps, only if return_attention.
         """
-        shapes = check_multiscale_inputs(
-            memory, spatial_shapes, level_start_index, padding_mask, self.d_model, self.n_levels,
-            spatial_sizes,
-        )
-        starts = level_start_offsets(shapes)
-        if queries.dim() != 3 or queries.shape[0] != memory.shape[0] or queries.shape[-1] != self.d_model:
-            raise ValueError(
-                f"queries must be (N={memory.shape[0]}, Q, {self.d_model}), got {tuple(queries.shape)}"
-            )
-        if query_pos is not None and query_pos.shape != queries.shape:
-            raise ValueError(
-                f"query_pos must match queries {tuple(queries.shape)}, got {tuple(query_pos.shape)}"
-            )
-        if memory_pos is not None and memory_pos.shape != memory.shape:
-            raise ValueError(
-                f"memory_pos must match memory {tuple(memory.shape)}, got {tuple(memory_pos.shape)}"
-            )
-        num_q = queries.shape[1]
-        if not 0 <= num_thing_queries <= num_q:
-            raise ValueError(f"num_thing_queries must be in [0, Q={num_q}], got {num_thing_queries}")
-        if num_layers is None:
-            num_layers = self.num_layers
-        if not 0 <= num_layers <= self.num_layers:
-            raise ValueError(f"num_layers must be in [0, {self.num_layers}], got {num_layers}")
-
+        num_layers = check_decoder_inputs(self, queries, query_pos, num_thing_queries, memory, memory_pos,
+                                          levels, num_layers)
         outputs: List[Dict[str, Tensor]] = []
         tgt = queries
         for lid in range(num_layers):
-            tgt, attn = self.layers[lid](tgt, query_pos, memory, memory_pos, padding_mask)
+            tgt, attn = self.layers[lid](tgt, query_pos, memory, memory_pos, levels.padding_mask)
             out = {
                 "thing_logits": self.thing_class_embed[lid](tgt[:, :num_thing_queries]),
                 "stuff_logits": self.stuff_class_embed[lid](tgt[:, num_thing_queries:]).squeeze(-1),
-                "pred_masks": self.mask_heads[lid](attn, shapes, starts, padding_mask),
+                "pred_masks": self.mask_heads[lid](attn, levels),
             }
             if return_attention:
                 out["attention"] = attn

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .ms_deform_attn import check_sampling_shapes
+from .levels import check_sampling_shapes
 
 __all__ = [
     "MSDeformAttnFunction",

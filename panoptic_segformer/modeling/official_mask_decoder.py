@@ -42,14 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ms_deform_attn import level_start_offsets
-from .mask_decoder import (
-    MultiHeadCrossAttentionWithMaps,
-    _as_shapes,
-    _as_starts,
-    check_multiscale_inputs,
-    focal_prior_bias,
-)
+from .layers import focal_prior_bias
+from .levels import LevelLayout
+from .mask_decoder import MultiHeadCrossAttentionWithMaps, check_decoder_inputs
 
 __all__ = ["OfficialMaskHead", "OfficialMaskDecoderLayer", "OfficialMaskBranch", "OfficialMaskDecoder"]
 
@@ -70,16 +65,16 @@ class OfficialMaskHead(nn.Module):
         self.level_fcs = nn.ModuleList(nn.Linear(n_heads, n_heads) for _ in range(n_levels))
         self.fc = nn.Linear(n_heads * n_levels, 1)
 
-    def forward(self, attn: Tensor, spatial_shapes, level_start_index) -> Tensor:
-        shapes, starts = _as_shapes(spatial_shapes), _as_starts(level_start_index)
+    def forward(self, attn: Tensor, levels: LevelLayout) -> Tensor:
+        """attn (N, h, Q, S) over the levels of ``levels`` -> masks (N, Q, H_1, W_1)."""
         n, h, q, s = attn.shape
-        if h != self.n_heads or len(shapes) != self.n_levels or s != sum(a * b for a, b in shapes):
+        if h != self.n_heads or levels.num_levels != self.n_levels or s != levels.num_tokens:
             raise ValueError(f"attn {tuple(attn.shape)} does not match {self.n_heads} heads and "
-                             f"{self.n_levels} levels {shapes}")
-        size1 = shapes[0]
+                             f"{self.n_levels} levels of {levels}")
+        size1 = levels.sizes[0]
         maps = []
-        for lvl, ((hl, wl), start) in enumerate(zip(shapes, starts)):
-            a = attn[..., start:start + hl * wl].permute(0, 2, 3, 1)  # (N, Q, H_l*W_l, h)
+        for lvl, (a, (hl, wl)) in enumerate(zip(levels.split(attn, dim=-1), levels.sizes)):
+            a = a.permute(0, 2, 3, 1)  # (N, Q, H_l*W_l, h)
             a = F.relu(self.level_fcs[lvl](a))
             if lvl > 0:
                 a = a.permute(0, 1, 3, 2).reshape(n * q, h, hl, wl)
@@ -116,23 +111,22 @@ class OfficialMaskDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm_ffn = nn.LayerNorm(d_model, eps=1e-6)
 
-    def forward(self, x: Tensor, memory: Tensor, padding_mask: Optional[Tensor], spatial_shapes,
-                level_start_index) -> Tuple[Optional[Tensor], Tensor]:
+    def forward(self, x: Tensor, memory: Tensor, levels: LevelLayout) -> Tuple[Optional[Tensor], Tensor]:
         """
         Args:
-            x: (N, Q, C) query + query_pos; memory: (N, S, C); padding_mask: (N, S) bool or None.
+            x: (N, Q, C) query + query_pos; memory: (N, S, C); levels: the layout of S.
         Returns:
             (N, Q, C) refined queries (None for the tail) and (N, Q, H_1, W_1) masks.
         """
         if self.tail:
             _, _, attn = self.cross_attn.attention_maps(x, memory)
-            return None, self.mask_head(attn, spatial_shapes, level_start_index)
+            return None, self.mask_head(attn, levels)
         if self.use_self_attn:
             x = self.norm_sa(x + self.self_attn(x, x, x, need_weights=False)[0])
-        out, attn = self.cross_attn(x, memory, None, None, padding_mask)
+        out, attn = self.cross_attn(x, memory, None, None, levels.padding_mask)
         x = self.norm_ca(x + out)
         x = self.norm_ffn(x + self.linear2(F.gelu(self.linear1(x))))
-        return x, self.mask_head(attn, spatial_shapes, level_start_index)
+        return x, self.mask_head(attn, levels)
 
 
 class OfficialMaskBranch(nn.Module):
@@ -147,16 +141,13 @@ class OfficialMaskBranch(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.tail = OfficialMaskDecoderLayer(d_model, n_heads, d_ffn, n_levels, tail=True)
 
-    def forward(self, queries: Tensor, query_pos: Optional[Tensor], memory: Tensor,
-                padding_mask: Optional[Tensor], spatial_shapes, level_start_index):
+    def forward(self, queries: Tensor, query_pos: Optional[Tensor], memory: Tensor, levels: LevelLayout):
         """Returns the refined queries of every layer [(N, Q, C)] and the tail's masks (N, Q, H_1, W_1)."""
         x, refined = queries, []
         for layer in self.layers:
-            x, _ = layer(x if query_pos is None else x + query_pos, memory, padding_mask,
-                         spatial_shapes, level_start_index)
+            x, _ = layer(x if query_pos is None else x + query_pos, memory, levels)
             refined.append(x)
-        _, masks = self.tail(x if query_pos is None else x + query_pos, memory, padding_mask,
-                             spatial_shapes, level_start_index)
+        _, masks = self.tail(x if query_pos is None else x + query_pos, memory, levels)
         return refined, masks
 
 
@@ -199,11 +190,9 @@ class OfficialMaskDecoder(nn.Module):
         """The official masks are probabilities already (ReLU outputs); clamp to [0, 1]."""
         return masks.clamp(0.0, 1.0)
 
-    def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int,
-                memory: Tensor, memory_pos: Optional[Tensor], padding_mask: Optional[Tensor],
-                spatial_shapes: Tensor, level_start_index: Tensor, num_layers: Optional[int] = None,
-                return_attention: bool = False,
-                spatial_sizes: Optional[List[Tuple[int, int]]] = None) -> List[Dict[str, Tensor]]:
+    def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int, memory: Tensor,
+                memory_pos: Optional[Tensor], levels: LevelLayout, num_layers: Optional[int] = None,
+                return_attention: bool = False) -> List[Dict[str, Tensor]]:
         """Same arguments as :meth:`MaskDecoder.forward`; ``memory_pos`` and the thing queries'
         ``query_pos`` are not used (the official code passes none).
 
@@ -214,15 +203,11 @@ class OfficialMaskDecoder(nn.Module):
         if num_layers not in (None, self.num_layers) or return_attention:
             raise ValueError("MASK_DECODER_TYPE 'official' supports neither TEST.NUM_MASK_DECODER_LAYERS "
                              "nor returning attention maps")
-        shapes = check_multiscale_inputs(memory, spatial_shapes, level_start_index, padding_mask,
-                                         self.d_model, self.n_levels, spatial_sizes)
-        if not 0 <= num_thing_queries <= queries.shape[1]:
-            raise ValueError(f"num_thing_queries must be in [0, {queries.shape[1]}], got {num_thing_queries}")
-        starts = level_start_offsets(shapes)
+        check_decoder_inputs(self, queries, query_pos, num_thing_queries, memory, memory_pos, levels, None)
         things, stuff = queries[:, :num_thing_queries], queries[:, num_thing_queries:]
         stuff_pos = None if query_pos is None else query_pos[:, num_thing_queries:]
-        thing_q, thing_masks = self.thing_branch(things, None, memory, padding_mask, shapes, starts)
-        stuff_q, stuff_masks = self.stuff_branch(stuff, stuff_pos, memory, padding_mask, shapes, starts)
+        thing_q, thing_masks = self.thing_branch(things, None, memory, levels)
+        stuff_q, stuff_masks = self.stuff_branch(stuff, stuff_pos, memory, levels)
         return [{
             "thing_logits": self.thing_class_embed[-1](thing_q[-1]),
             "stuff_logits": self.stuff_class_embed[-1](stuff_q[-1]).squeeze(-1),

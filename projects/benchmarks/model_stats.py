@@ -148,12 +148,14 @@ def count_flops(model, inputs, extra_handles=True):
     skipped, grid_sampler at 4 per output element)."""
     from fvcore.nn import FlopCountAnalysis
 
-    from panoptic_segformer.modeling.ms_deform_attn import get_ms_deform_attn_impl, set_ms_deform_attn_impl
+    from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn
 
     net = _Network(model).eval()
     children = [name for name, _ in model.named_children()]
-    previous = get_ms_deform_attn_impl()
-    set_ms_deform_attn_impl("pytorch")
+    msda = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    previous = [m.impl for m in msda]
+    for m in msda:  # Triton calls cannot be traced: count the PyTorch path
+        m.impl = "pytorch"
     results = []
     try:
         for x in inputs:
@@ -175,7 +177,8 @@ def count_flops(model, inputs, extra_handles=True):
             results.append({"size": tuple(image.shape[-2:]), "total": total, "by_component": by_component,
                             "skipped": dict(analysis.unsupported_ops())})
     finally:
-        set_ms_deform_attn_impl(previous)
+        for m, impl in zip(msda, previous):
+            m.impl = impl
     return results
 
 

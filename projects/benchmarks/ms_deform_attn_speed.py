@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from panoptic_segformer.modeling.levels import LevelLayout
 from panoptic_segformer.modeling.ms_deform_attn import ms_deform_attn, resolve_ms_deform_attn_impl
 
 ENCODER_LEVELS_800x1333 = ((100, 167), (50, 84), (25, 42))
@@ -35,16 +36,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def encoder_inputs(levels, batch, heads, dim, points, dtype, device, seed=0):
     """Encoder-like inputs: every token queries its own position on all levels.
 
-    Returns value (N, S, M, D) in ``dtype``, spatial_shapes (L, 2), level_start_index (L,),
+    Returns value (N, S, M, D) in ``dtype``, the tokens' LevelLayout,
     sampling_locations (N, S, M, L, P, 2) float32 (reference point + offsets of a few pixels, some
     outside the map) and attention_weights (N, S, M, L, P) float32 (softmax over the L * P points).
     """
     g = torch.Generator().manual_seed(seed)
     L = len(levels)
-    shapes = torch.tensor(levels, dtype=torch.long)
-    sizes = [h * w for h, w in levels]
-    starts = torch.tensor([0] + list(torch.tensor(sizes).cumsum(0)[:-1].tolist()), dtype=torch.long)
-    S = sum(sizes)
+    S = sum(h * w for h, w in levels)
     refs = []
     for h, w in levels:  # normalized pixel centres of each level's tokens, (H*W, 2) as (x, y)
         ys, xs = torch.meshgrid(
@@ -62,8 +60,7 @@ def encoder_inputs(levels, batch, heads, dim, points, dtype, device, seed=0):
     value = torch.randn(batch, S, heads, dim, generator=g)
     return (
         value.to(device=device, dtype=dtype),
-        shapes.to(device),
-        starts.to(device),
+        LevelLayout.from_sizes(levels, batch, device),
         loc.to(device),
         weights.to(device),
     )
@@ -76,11 +73,11 @@ def _sync(device):
 
 def time_impl(impl, inputs, grad_out, repeats, warmup, device):
     """Median forward and forward+backward time (ms) and peak memory (MiB, CUDA only)."""
-    value, shapes, starts, loc, weights = inputs
+    value, layout, loc, weights = inputs
     leaves = [t.detach().requires_grad_(True) for t in (value, loc, weights)]
 
     def forward():
-        return ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl=impl)
+        return ms_deform_attn(leaves[0], layout, leaves[1], leaves[2], impl=impl)
 
     def forward_backward():
         out = forward()
@@ -119,9 +116,9 @@ def max_errors(inputs, grad_out, impl):
     its max large whatever the implementation."""
     results = []
     for name, cast in ((impl, lambda t: t), ("pytorch", lambda t: t.double())):
-        value, shapes, starts, loc, weights = inputs
+        value, layout, loc, weights = inputs
         leaves = [cast(t).detach().requires_grad_(True) for t in (value, loc, weights)]
-        out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl=name)
+        out = ms_deform_attn(leaves[0], layout, leaves[1], leaves[2], impl=name)
         grads = torch.autograd.grad(out, leaves, cast(grad_out))
         results.append([out.double()] + [g.double() for g in grads])
     errors = [(a - b).abs().flatten() for a, b in zip(*results)]

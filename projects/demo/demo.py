@@ -232,7 +232,7 @@ def query_attention_maps(outputs: Dict, images, query: int, image_index: int = 0
     """Level-1 attention maps of one query: (layers, heads, h, w) float32.
 
     Each layer's "attention" (N, heads, Q, S) is over the S = sum_l H_l W_l flattened tokens of F;
-    level 1 (stride 8) comes first; its shape (H_1, W_1) is ``outputs["spatial_shapes"][0]``
+    level 1 (stride 8) comes first; its shape (H_1, W_1) is ``outputs["levels"].sizes[0]``
     (Eq. 1). Its first H_1 W_1 tokens are reshaped to (H_1, W_1) and cropped to the part covering
     the image (the rest is padding).
     """
@@ -246,7 +246,7 @@ def query_attention_maps(outputs: Dict, images, query: int, image_index: int = 0
             raise ValueError(f"query {query} out of range: attention has shape "
                              f"{tuple(layer['attention'].shape)} (N, heads, Q, S)")
         attn = layer["attention"][image_index, :, query]  # (heads, S)
-        h1, w1 = (int(v) for v in outputs["spatial_shapes"][0])
+        h1, w1 = outputs["levels"].sizes[0]
         if attn.shape[-1] < h1 * w1:
             raise ValueError(f"attention has S={attn.shape[-1]} tokens, fewer than the level-1 map "
                              f"{h1}x{w1}")
