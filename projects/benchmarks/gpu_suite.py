@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -396,7 +397,7 @@ def markdown(report):
     lines += ["", "## Commands (run from the repository root)", ""]
     for p in report["parts"]:
         for s in p.get("steps", []):
-            cmd = " ".join(["python"] + list(s.get("command", []))[1:])
+            cmd = shlex.join(["python"] + list(s.get("command", []))[1:])
             lines.append(f"- {p['key']} / {s['name']}: {s['status']} in {s['seconds']:.0f} s: `{cmd}`")
     return "\n".join(lines) + "\n"
 
