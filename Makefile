@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test collect-env
+.PHONY: setup test collect-env gpu-wheels
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -19,3 +19,8 @@ test:
 
 collect-env:
 	$(PY) -m panoptic_segformer.collect_env
+
+# Wheelhouse for an offline GPU machine (Python 3.12, torch/Triton preinstalled): .gpu-wheels/, which
+# projects/benchmarks/gpu_suite.sh installs there (see README, "Running everything that needs a GPU").
+gpu-wheels:
+	$(PY) -m projects.setup.gpu_wheels --output .gpu-wheels

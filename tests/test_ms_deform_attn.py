@@ -119,6 +119,21 @@ def test_core_dtypes_and_location_cast():
     torch.testing.assert_close(out_bf16.double(), ref, atol=0.1, rtol=0.05)
 
 
+def test_core_half_precision_on_cpu_has_no_nan():
+    """8 heads x 32 channels over three 800x1333-like levels (scaled down) in bf16 / fp16: PyTorch's CPU
+    grid_sample returned NaN for some bf16 values in the strided (permuted) layout; the core samples a
+    contiguous copy. Reference: the same (rounded) inputs in float64."""
+    from projects.benchmarks.ms_deform_attn_speed import encoder_inputs
+
+    levels = ((20, 33), (10, 17), (5, 9))
+    for dtype in (torch.bfloat16, torch.float16):
+        value, layout, loc, weights = encoder_inputs(levels, 1, 8, 32, 4, dtype, torch.device("cpu"), seed=3)
+        out = ms_deform_attn_core(value, levels, loc, weights)
+        ref = ms_deform_attn_core(value.double(), levels, loc.to(dtype).double(), weights.to(dtype).double())
+        assert not out.isnan().any(), dtype
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 0.1, dtype  # bf16 pixel coordinates
+
+
 @pytest.mark.parametrize(
     "value_shape,shapes,loc_shape,w_shape,match",
     [

@@ -438,7 +438,7 @@ def test_bad_thresholds_raise():
         PixelArgmax(threshold=2.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     for name in BUILTIN:
         pp = build_postprocessor(name, **({"stuff_area_limit": 8} if name == "heuristic" else {}))

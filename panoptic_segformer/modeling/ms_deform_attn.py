@@ -81,8 +81,9 @@ def ms_deform_attn_core(
     sampling_grids = 2 * sampling_locations - 1
     sampled_per_level = []
     for lvl, (h, w) in enumerate(sizes):
-        # (N, H*W, M, D) -> (N*M, D, H, W)
-        value_l = value_list[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)
+        # (N, H*W, M, D) -> (N*M, D, H, W); contiguous: PyTorch's CPU grid_sample returns NaN for some
+        # bf16 inputs in this strided layout (seen with torch 2.11 and 2.14)
+        value_l = value_list[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w).contiguous()
         # (N, Q, M, P, 2) -> (N*M, Q, P, 2)
         grid_l = sampling_grids[:, :, :, lvl].transpose(1, 2).reshape(N * M, Q, P, 2)
         # (N*M, D, Q, P)
