@@ -105,8 +105,8 @@ def official_maps(panoptic_seg: torch.Tensor, segments_info, category_ids=None) 
     pixels (1, 2, ... in painting order, 0 for stuff and void).
 
     ``category_ids`` maps a segment's ``category_id`` (contiguous) to the category written, e.g. the
-    dataset ids of the metadata's ``{v: k for k, v in stuff_dataset_id_to_contiguous_id.items()}``
-    (the official ``cat_dict``); by default the contiguous id + 1. Segment ids must be in painting
+    dataset ids (the official ``cat_dict``) from the metadata's ``thing_dataset_id_to_contiguous_id``
+    and ``stuff_dataset_id_to_contiguous_id`` inverted; by default the contiguous id + 1. Segment ids must be in painting
     order, as every post-processor here numbers them.
     """
     lut = torch.zeros((2, 1 + max([s["id"] for s in segments_info], default=0)), dtype=torch.int64)
