@@ -283,6 +283,7 @@ def compare_image(model, npz, dataset_ids, tolerance, keep_threshold, cache):
     traced = trace_segment_queries(postprocessor, pan, segments, mask_probs, class_probs, labels, is_thing)
     painted = sorted({q for qs in traced.values() for q in qs})
     differ = (ours != theirs).any(0)
+    masks_above_1 = float((their_small > 1).float().mean())
     near = torch.zeros_like(differ)
     for q in painted:
         for m in (mask_probs[q], their_masks[q]):
@@ -303,6 +304,7 @@ def compare_image(model, npz, dataset_ids, tolerance, keep_threshold, cache):
         "thing_segments": sum(1 for _, i in their_segments if i > 0),
         "stuff_segments": sum(1 for _, i in their_segments if i == 0),
         "max_abs_mask_diff_1_8": mask_diff,
+        "fraction_of_1_8_mask_values_above_1": masks_above_1,
         "pixels_with_a_painted_mask_within_tol": int(sum(
             ((mask_probs[q] - 0.5).abs() <= tolerance).sum() for q in painted)),
     }
@@ -319,11 +321,12 @@ def compare_image(model, npz, dataset_ids, tolerance, keep_threshold, cache):
     thing_scores = postprocessor.instance_scores(mask_probs[things], class_probs[things],
                                                  mask_probs[things] > postprocessor.mask_threshold)
     queries = things[thing_scores.argsort(descending=True, stable=True)][:len(inst)]
-    seg_near = torch.zeros((), dtype=torch.long)
+    seg_near, seg_farthest = torch.zeros((), dtype=torch.long), 0.0
     for k, q in enumerate(queries.tolist()):
         if seg_differ[k].any():
-            close = ((mask_probs[q] - 0.5).abs() <= tolerance) | ((their_masks[q] - 0.5).abs() <= tolerance)
-            seg_near += (seg_differ[k] & close).sum()
+            distance = torch.minimum((mask_probs[q] - 0.5).abs(), (their_masks[q] - 0.5).abs())
+            seg_near += (seg_differ[k] & (distance <= tolerance)).sum()
+            seg_farthest = max(seg_farthest, float(distance[seg_differ[k]].max()))
     report.update({
         "instances": len(inst),
         "instance_labels_equal": our_labels == d["labels"].tolist(),
@@ -332,6 +335,7 @@ def compare_image(model, npz, dataset_ids, tolerance, keep_threshold, cache):
         "instance_box_max_abs_diff_px": float((inst.pred_boxes.tensor[order] - their_bbox[:, :4]).abs().max()),
         "instance_mask_pixels_differing": int(seg_differ.sum()),
         "instance_mask_pixels_differing_at_threshold": int(seg_near),
+        "instance_mask_differing_max_distance_to_0.5": seg_farthest,
     })
     return report
 
