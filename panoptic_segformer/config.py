@@ -93,10 +93,13 @@ def add_panoptic_segformer_config(cfg):
     # Inference.
     psf.TEST = CN()
     # Post-processor from panoptic_segformer.postprocessing.POSTPROCESSOR_REGISTRY: "mask_wise"
-    # (Algorithm 1, Sec. 3.5), "pixel_argmax" (DETR), "pixel_argmax_prob" (MaskFormer), "heuristic".
+    # (Algorithm 1, Sec. 3.5), "pixel_argmax" (DETR), "pixel_argmax_prob" (MaskFormer), "heuristic",
+    # "official" (the official code's inference, for converted official checkpoints).
     psf.TEST.POSTPROCESSOR = "mask_wise"
-    # Mask-wise merging (Eq. 6): alpha, beta, binarisation threshold, t_cnf and t_keep, each for
-    # things and stuff (the official code uses separate values; the paper's are the defaults).
+    # Mask-wise merging (Eq. 6) and "official": alpha, beta, binarisation threshold, t_cnf and t_keep,
+    # each for things and stuff (the official code uses separate values; the paper's are the
+    # defaults; "official" reads t_cnf as its quality thresholds and t_keep as 1 - its overlap
+    # thresholds). The other post-processors use their own papers' values.
     psf.TEST.ALPHA = 1.0
     psf.TEST.BETA = 2.0
     psf.TEST.MASK_THRESHOLD = 0.5

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
@@ -30,8 +29,13 @@ from .modeling.location_decoder import LocationDecoder
 from .modeling.mask_decoder import MaskDecoder
 from .modeling.official_mask_decoder import OfficialMaskDecoder
 from .modeling.matcher import HungarianMatcher, select_thing_queries
-from .postprocessing import build_postprocessor
-from .utils import masks_to_boxes
+from .postprocessing import (
+    POSTPROCESSOR_REGISTRY,
+    MaskWiseMerging,
+    build_postprocessor,
+    mean_mask_instance_scores,
+)
+from .utils import masks_to_boxes, upsample_masks_to_image
 
 __all__ = ["PanopticSegFormer", "dataset_class_ids"]
 
@@ -92,6 +96,7 @@ class PanopticSegFormer(nn.Module):
         pixel_mean,
         pixel_std,
         size_divisibility: int,
+        mask_stride: int = 8,
     ):
         super().__init__()
         self.backbone = backbone
@@ -120,6 +125,8 @@ class PanopticSegFormer(nn.Module):
         self.semantic_on = semantic_on
         self.detections_per_image = detections_per_image
         self.size_divisibility = size_divisibility
+        # Stride of the masks: the first (finest) backbone level of the encoder, 1/8 (Sec. 3.1).
+        self.mask_stride = mask_stride
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # Contiguous id -> classifier index (decoupled: thing FC index / stuff query index).
@@ -209,12 +216,14 @@ class PanopticSegFormer(nn.Module):
             deep_supervision=psf.DEEP_SUPERVISION, box_free=psf.BOX_FREE,
             dynamic_things_stuff_weight=psf.DYNAMIC_THINGS_STUFF_WEIGHT)
         t = psf.TEST
+        # Mask-wise merging and its official variant take the TEST.* merging keys.
+        registered = POSTPROCESSOR_REGISTRY.get(t.POSTPROCESSOR) if t.POSTPROCESSOR in POSTPROCESSOR_REGISTRY else None
         postprocessor = build_postprocessor(
             t.POSTPROCESSOR,
             **({"alpha": t.ALPHA, "beta": t.BETA, "mask_threshold": t.MASK_THRESHOLD,
                 "conf_threshold": (t.CONF_THRESHOLD_THING, t.CONF_THRESHOLD_STUFF),
                 "keep_threshold": (t.KEEP_THRESHOLD_THING, t.KEEP_THRESHOLD_STUFF)}
-               if t.POSTPROCESSOR == "mask_wise" else {}))
+               if isinstance(registered, type) and issubclass(registered, MaskWiseMerging) else {}))
         if t.THING_CLASS_SOURCE not in ("mask_decoder", "location_decoder"):
             raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE must be 'mask_decoder' or "
                              f"'location_decoder', got {t.THING_CLASS_SOURCE!r}")
@@ -253,6 +262,7 @@ class PanopticSegFormer(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "mask_stride": shapes[psf.IN_FEATURES[0]].stride,
         }
 
     @property
@@ -289,7 +299,9 @@ class PanopticSegFormer(nn.Module):
         """Run the network. Returns a dict with "location" (pred_logits / pred_boxes per location
         layer), "thing_query_index" (N, Q_th), "mask" (per mask-decoder layer: thing_logits,
         stuff_logits, pred_masks[, attention]) -- the inputs of the criterion -- and "levels", the
-        LevelLayout of the tokens the mask decoder attended to (to split attention maps, Eq. 1)."""
+        LevelLayout of the tokens the mask decoder attended to (to split attention maps, Eq. 1). When thing
+        classes come from the location decoder (TEST.THING_CLASS_SOURCE), also "thing_boxes"
+        (N, Q_th, 4): the boxes of those (query, class) pairs, normalized (cx, cy, w, h)."""
         srcs, masks, pos = self._multi_scale_inputs(images)
         enc = self.encoder(srcs, masks, pos)
         loc = self.location_decoder(enc.memory, enc.levels)
@@ -341,12 +353,15 @@ class PanopticSegFormer(nn.Module):
                 labels, values = thing_pairs
                 thing_logits = torch.full_like(layer["thing_logits"], float("-inf"))
                 layer["thing_logits"] = thing_logits.scatter(2, labels[..., None], values[..., None])
-        return {
+        outputs = {
             "location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
             "thing_query_index": index,
             "mask": layers,
             "levels": levels,
         }
+        if thing_pairs is not None and loc["pred_boxes"][-1].shape[-1] == 4:
+            outputs["thing_boxes"] = loc["pred_boxes"][-1].gather(1, index[..., None].expand(-1, -1, 4))
+        return outputs
 
     def prepare_targets(self, batched_inputs, images: ImageList):
         """Criterion targets from the mapper's "instances" (things) and "stuff" (per class)."""
@@ -431,58 +446,69 @@ class PanopticSegFormer(nn.Module):
     def inference(self, outputs, batched_inputs, images: ImageList, postprocessor=None):
         """Detectron2 outputs from `forward_outputs`' last mask-decoder layer. `postprocessor`
         (common signature of :mod:`panoptic_segformer.postprocessing`) replaces the configured one,
-        e.g. to compare post-processors on one forward pass (Table 7)."""
+        e.g. to compare post-processors on one forward pass (Table 7).
+
+        The post-processor's optional members (:mod:`panoptic_segformer.postprocessing.common`) say how
+        the 1/8 masks reach the output size (``masks_to_image``), whether they are clamped to [0, 1]
+        (``max_mask_value``) and how the thing results of "instances" are scored (``instance_scores``).
+        """
         postprocessor = postprocessor or self.postprocessor
+        masks_to_image = getattr(postprocessor, "masks_to_image", upsample_masks_to_image)
+        max_mask_value = getattr(postprocessor, "max_mask_value", 1.0)
+        instance_scores = getattr(postprocessor, "instance_scores", mean_mask_instance_scores)
         last = outputs["mask"][-1]
-        hp, wp = images.tensor.shape[-2:]
         results = []
         for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
-            dist, class_probs, labels, is_thing, mask_logits = self.per_query_predictions(last, i)
-            mask_logits = self.masks_to_image(mask_logits, image_size, (hp, wp), (height, width))
-            mask_probs = self.mask_decoder.mask_probabilities(mask_logits)
-            if self.mask_decoder.mask_activation != "sigmoid":
-                mask_logits = None  # the official masks are probabilities, there are no logits
+            dist, class_probs, labels, is_thing, mask_maps = self.per_query_predictions(last, i)
+            mask_maps = masks_to_image(mask_maps, image_size, self.mask_stride, (height, width))
+            mask_probs = self.mask_decoder.mask_probabilities(mask_maps, max_value=max_mask_value)
+            # The official masks are probabilities, there are no logits.
+            mask_logits = mask_maps if self.mask_decoder.mask_activation == "sigmoid" else None
             result = {}
             if self.panoptic_on:
                 result["panoptic_seg"] = postprocessor(
                     mask_probs, class_probs, labels, is_thing, mask_logits=mask_logits,
                     class_distribution=dist)
             if self.instance_on:
+                boxes = None
+                if "thing_boxes" in outputs:
+                    boxes = self.thing_boxes_to_image(outputs["thing_boxes"][i], image_size, (height, width))
                 result["instances"] = self.instance_inference(
-                    mask_probs, class_probs, labels, is_thing, (height, width))
+                    mask_probs, class_probs, labels, is_thing, (height, width), instance_scores, boxes)
             if self.semantic_on:
                 result["sem_seg"] = torch.einsum("qc,qhw->chw", dist, mask_probs)
             results.append(result)
         return results
 
     @staticmethod
-    def masks_to_image(mask_logits, image_size, padded_size, output_size):
-        """Mask logits (Q, h, w) at 1/8 of the padded batch -> (Q, H_out, W_out) at the output size.
+    def thing_boxes_to_image(boxes, image_size, output_size) -> Boxes:
+        """Normalized (cx, cy, w, h) boxes (Q_th, 4) of the location decoder, relative to the
+        unpadded image of `image_size`, -> XYXY boxes in `output_size` pixels, clipped (the official
+        ``_get_bboxes_single``: scale to the input image, clamp, rescale to the original size)."""
+        h, w = image_size
+        boxes = Boxes(box_convert(boxes, "cxcywh", "xyxy") * boxes.new_tensor([w, h, w, h]))
+        boxes.clip((h, w))
+        boxes.scale(output_size[1] / w, output_size[0] / h)
+        return boxes
 
-        Only the cells covering this image are upsampled (the 1/8 grid is aligned with the padded
-        input's top-left corner), so neither padding nor a larger batch partner leaks into the
-        image's border; then Detectron2's `sem_seg_postprocess` crops and resizes.
-        """
-        (h1, w1), (hp, wp) = mask_logits.shape[-2:], padded_size
-        sh, sw = hp // h1, wp // w1
-        vh, vw = -(-image_size[0] // sh), -(-image_size[1] // sw)
-        logits = F.interpolate(mask_logits[None, :, :vh, :vw], size=(vh * sh, vw * sw),
-                               mode="bilinear", align_corners=False)[0]
-        return sem_seg_postprocess(logits, image_size, *output_size)
-
-    def instance_inference(self, mask_probs, class_probs, labels, is_thing, image_size):
-        """Top-`detections_per_image` thing results (stuff dropped, Table 4); score = class
-        probability x mean mask probability inside the binary mask."""
+    def instance_inference(self, mask_probs, class_probs, labels, is_thing, image_size,
+                           instance_scores=mean_mask_instance_scores, thing_boxes=None):
+        """Top-`detections_per_image` thing results (stuff dropped, Table 4): binary masks
+        ``mask_probs > mask_threshold`` scored by ``instance_scores(mask_probs, class_probs, binary)``
+        (default: class probability x mean mask probability inside the binary mask). Boxes:
+        `thing_boxes` (Boxes of the Q_th thing queries, which come first) when given, else the
+        binary masks' tight boxes."""
         keep = is_thing.nonzero().squeeze(1)
         binary = mask_probs[keep] > self.mask_threshold
-        area = binary.flatten(1).sum(1)
-        mask_score = (mask_probs[keep] * binary).flatten(1).sum(1) / area.clamp(min=1)
-        scores = class_probs[keep] * mask_score
+        scores = instance_scores(mask_probs[keep], class_probs[keep], binary)
         top = scores.topk(min(self.detections_per_image, scores.numel())).indices
         instances = Instances(image_size)
         instances.pred_masks = binary[top]
-        instances.pred_boxes = Boxes(masks_to_boxes(binary[top]))
-        instances.scores = scores[top]
+        if thing_boxes is not None:
+            instances.pred_boxes = Boxes(thing_boxes.tensor[keep[top]])
+        else:
+            instances.pred_boxes = Boxes(masks_to_boxes(binary[top]))
+        instances.scores = scores[top].to(class_probs.dtype)
         instances.pred_classes = labels[keep][top]
         return instances

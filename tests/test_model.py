@@ -9,6 +9,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import small_cfg
 from panoptic_segformer import PanopticSegFormer, PanopticSegFormerDatasetMapper
+from panoptic_segformer.utils import upsample_masks_to_image
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +127,43 @@ def test_masks_to_image_ignores_padding_and_batch_partners():
     """Upsampling uses only the image's own 1/8 cells: the result equals upsampling the unpadded
     map, whatever the padded/pinned cells around it hold."""
     torch.manual_seed(0)
-    own = torch.randn(3, 5, 7)  # an image of 40x56 px at 1/8
+    own = torch.randn(3, 5, 7)  # an image of 37x53 px: ceil(37/8) x ceil(53/8) cells at 1/8
     padded = torch.full((3, 9, 12), -1e4)
     padded[:, :5, :7] = own
-    out = PanopticSegFormer.masks_to_image(padded, (37, 53), (72, 96), (74, 106))
-    ref = PanopticSegFormer.masks_to_image(own, (37, 53), (40, 56), (74, 106))
+    out = upsample_masks_to_image(padded, (37, 53), 8, (74, 106))
+    ref = upsample_masks_to_image(own, (37, 53), 8, (74, 106))
     assert out.shape == (3, 74, 106)
     torch.testing.assert_close(out, ref)
     assert out.min() > -100  # no -1e4 padding value leaked into the border
+
+
+def test_masks_reach_images_that_are_not_a_multiple_of_8_at_stride_8():
+    """SIZE_DIVISIBILITY 1 and a 45x21 image: the 1/8 map has ceil(45/8) x ceil(21/8) = 6x3 cells,
+    cell j centred on pixel 8j + 3.5. A ramp of value 8j along x, bilinearly upsampled by the
+    encoder's stride 8, is x - 3.5 at pixel x (clamped to the outer cell values) -- not the ramp of
+    a stride 7 = 21 // 3 from dividing sizes."""
+    model = build_model(_tiny("INPUT.SIZE_DIVISIBILITY", "1")).eval()
+    assert model.mask_stride == 8 == model.backbone.output_shape()["res3"].stride
+    image = torch.rand(3, 45, 21) * 255
+    images = model.preprocess_image([{"image": image}])
+    assert tuple(images.tensor.shape[-2:]) == (45, 21)
+    with torch.no_grad():
+        outputs = model.forward_outputs(images)
+    last = outputs["mask"][-1]
+    assert tuple(last["pred_masks"].shape[-2:]) == (6, 3)
+    q = last["pred_masks"].shape[1]
+    last["pred_masks"] = (8.0 * torch.arange(3.0)).expand(1, q, 6, 3).contiguous()
+    seen = {}
+
+    def capture(mask_probs, class_probs, labels, is_thing, mask_logits=None, class_distribution=None):
+        seen["logits"] = mask_logits
+        return torch.zeros(mask_probs.shape[1:], dtype=torch.int32), []
+
+    with torch.no_grad():
+        model.inference(outputs, [{"image": image}], images, postprocessor=capture)
+    expected = (torch.arange(21.0) - 3.5).clamp(0, 16).expand(45, 21)
+    assert seen["logits"].shape == (q, 45, 21)
+    torch.testing.assert_close(seen["logits"][0], expected, rtol=0, atol=1e-5)
 
 
 def test_bf16_autocast_inference_and_training_step_on_cpu(batches):

@@ -20,7 +20,7 @@ from panoptic_segformer.postprocessing import (
 )
 from panoptic_segformer.postprocessing.common import running_argmax
 
-BUILTIN = ["heuristic", "mask_wise", "pixel_argmax", "pixel_argmax_prob"]
+BUILTIN = ["heuristic", "mask_wise", "official", "pixel_argmax", "pixel_argmax_prob"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +416,9 @@ def test_bad_inputs_raise_clear_errors(name):
         ((m, p, labels.float(), is_thing), {}, "labels"),
         ((m, p, -labels, is_thing), {}, "labels"),
         ((m, p, labels, is_thing.long()), {}, "is_thing"),
-        ((m * 3, p, labels, is_thing), {}, r"mask_probs.*\[0, 1\]"),
+        # "official" takes the official masks unclamped (>= 0, above 1 allowed).
+        ((m - 3, p, labels, is_thing) if name == "official" else (m * 3, p, labels, is_thing), {},
+         r"mask_probs.*\[0, inf\]" if name == "official" else r"mask_probs.*\[0, 1\]"),
         ((m, p + 1, labels, is_thing), {}, "class_probs"),
         ((m.long(), p, labels, is_thing), {}, "mask_probs"),
         ((m, p, labels, is_thing), {"mask_logits": torch.rand(3, 4, 4)}, "mask_logits"),

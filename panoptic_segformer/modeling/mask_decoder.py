@@ -324,8 +324,9 @@ class MaskDecoder(nn.Module):
     mask_activation = "sigmoid"
 
     @staticmethod
-    def mask_probabilities(mask_logits: Tensor) -> Tensor:
-        """Mask probabilities from the "pred_masks" logits."""
+    def mask_probabilities(mask_logits: Tensor, max_value: float = 1.0) -> Tensor:
+        """Mask probabilities from the "pred_masks" logits (a sigmoid: within any ``max_value`` >= 1,
+        the largest value the post-processor accepts)."""
         return mask_logits.sigmoid()
 
     def __init__(

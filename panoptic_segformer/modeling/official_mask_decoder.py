@@ -19,8 +19,9 @@ Differences from :class:`~.mask_decoder.MaskDecoder`, all reproduced here:
 * **Mask head** (Eq. 1-2 in the official form): on the pre-softmax maps of each level a per-level
   ``Linear(h -> h) + ReLU`` over the head axis, levels 2..L bilinearly upsampled to level 1, concatenated
   and ``Linear(L*h -> 1) + ReLU``. The result is used **as a mask probability** (no sigmoid; the official
-  dice loss is applied to it directly and inference thresholds it at 0.5). Values above 1 are clamped
-  to 1 by :meth:`OfficialMaskDecoder.mask_probabilities` (the post-processors require [0, 1]).
+  dice loss is applied to it directly and inference thresholds it at 0.5), values above 1 included: the
+  "official" post-processor reads it as it is; :meth:`OfficialMaskDecoder.mask_probabilities` clamps it
+  to [0, 1] only for post-processors that need probabilities (``max_mask_value`` 1).
 * Class FCs per layer as in the paper's decoder (thing: ``Linear(C, K_th)``, stuff: ``Linear(C, 1)``);
   the official inference classifies things with the location decoder instead
   (``MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE: "location_decoder"``).
@@ -186,9 +187,10 @@ class OfficialMaskDecoder(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     @staticmethod
-    def mask_probabilities(masks: Tensor) -> Tensor:
-        """The official masks are probabilities already (ReLU outputs); clamp to [0, 1]."""
-        return masks.clamp(0.0, 1.0)
+    def mask_probabilities(masks: Tensor, max_value: float = 1.0) -> Tensor:
+        """The official masks are the probabilities (ReLU outputs, >= 0, unbounded): returned as they
+        are when ``max_value`` is ``inf``, else clamped to [0, ``max_value``]."""
+        return masks if max_value == float("inf") else masks.clamp(0.0, max_value)
 
     def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int, memory: Tensor,
                 memory_pos: Optional[Tensor], levels: LevelLayout, num_layers: Optional[int] = None,

@@ -67,9 +67,13 @@ def _check_params(alpha, beta, mask_threshold, conf_threshold, keep_threshold):
 
 
 def _mask_wise_merge(mask_probs, class_probs, labels, is_thing, alpha, beta, mask_threshold,
-                     conf_threshold, keep_threshold) -> Tuple[torch.Tensor, SegmentsInfo]:
+                     conf_threshold, keep_threshold, score_fn=mask_confidence_scores,
+                     max_mask_value=1.0) -> Tuple[torch.Tensor, SegmentsInfo]:
     """Algorithm 1 on inputs of checked shapes/dtypes and N >= 1; value ranges are checked here
-    on everything read. Thresholds are already normalized to (thing, stuff) pairs."""
+    on everything read. Thresholds are already normalized to (thing, stuff) pairs.
+
+    ``score_fn(class_probs, areas, prob_sums, alpha, beta)`` ranks the masks (Eq. 6 by default;
+    the "official" method passes its own score and ``max_mask_value`` inf for unclamped masks)."""
     n, h, w = mask_probs.shape
     device = mask_probs.device
     # Per-mask (thing, stuff) thresholds, float64 so that e.g. 0.3 is compared exactly as given.
@@ -79,8 +83,12 @@ def _mask_wise_merge(mask_probs, class_probs, labels, is_thing, alpha, beta, mas
         is_thing, keep_threshold[0])
     # Exact pruning: the mask average is <= 1, so s_i <= p_i^alpha, and a mask with
     # p_i^alpha < t_cnf is skipped whatever it holds -- it is never read (like DETR's and
-    # MaskFormer's class-probability filters, but without changing the result).
-    maybe = class_probs.double().pow(alpha) >= conf
+    # MaskFormer's class-probability filters, but without changing the result). Masks that may
+    # exceed 1 have no such bound: every mask is read.
+    if max_mask_value <= 1.0:
+        maybe = class_probs.double().pow(alpha) >= conf
+    else:
+        maybe = torch.ones(n, dtype=torch.bool, device=device)
     host = torch.cat([value_ranges(None, class_probs, labels), maybe.double()]).tolist()  # sync 1
     raise_on_bad_values(host[:5])
     read = [q for q in range(n) if host[5 + q]]
@@ -89,14 +97,14 @@ def _mask_wise_merge(mask_probs, class_probs, labels, is_thing, alpha, beta, mas
     read_t = torch.as_tensor(read, dtype=torch.long, device=device)
 
     areas, prob_sums, bands, mask_range = binary_mask_stats(mask_probs, mask_threshold, read)
-    scores = mask_confidence_scores(class_probs[read_t], areas, prob_sums, alpha, beta)
+    scores = score_fn(class_probs[read_t], areas, prob_sums, alpha, beta)
     # Descending confidence; stable, and `read` is in query order, so ties keep query order.
     order = torch.sort(scores, descending=True, stable=True).indices
     valid = (scores >= conf[read_t]) & (areas > 0)
     rows = torch.stack([read_t[order].double(), valid[order].double(), areas[order].double(),
                         keep[read_t][order], bands[order, 0].double(), bands[order, 1].double()], dim=1)
     host = torch.cat([value_ranges(mask_range, class_probs, labels), rows.flatten()]).tolist()  # sync 2
-    raise_on_bad_values(host[:5])
+    raise_on_bad_values(host[:5], max_mask_value)
     rows = [host[5 + 6 * i: 11 + 6 * i] for i in range(len(read))]
     rows = [r for r in rows if r[1] > 0]
     candidates = [int(r[0]) for r in rows]

@@ -47,6 +47,11 @@ class TimedPostProcessor:
         self.postprocessor = postprocessor
         self.times_ms: List[float] = []
 
+    def __getattr__(self, name):  # the wrapped post-processor's members (masks_to_image, ...)
+        if "postprocessor" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["postprocessor"], name)
+
     def __call__(self, mask_probs, *args, **kwargs):
         cuda = mask_probs.is_cuda
         if cuda:

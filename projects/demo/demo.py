@@ -193,6 +193,11 @@ class QueryTracer:
         self.postprocessor = postprocessor
         self.segment_queries: List[Dict[int, List[int]]] = []
 
+    def __getattr__(self, name):  # the wrapped post-processor's members (masks_to_image, ...)
+        if "postprocessor" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["postprocessor"], name)
+
     def __call__(self, mask_probs, class_probs, labels, is_thing, mask_logits=None, class_distribution=None):
         out = self.postprocessor(mask_probs, class_probs, labels, is_thing, mask_logits=mask_logits,
                                  class_distribution=class_distribution)
