@@ -23,18 +23,19 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
 
-from .modeling.criterion import PanopticSegFormerCriterion
+from .builders import (
+    build_channel_mapper,
+    build_criterion,
+    build_encoder,
+    build_location_decoder,
+    build_mask_decoder,
+    build_postprocessor_from_config,
+    build_query_selection,
+)
 from .modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSine
 from .modeling.location_decoder import LocationDecoder
-from .modeling.mask_decoder import MaskDecoder
-from .modeling.official_mask_decoder import OfficialMaskDecoder
-from .modeling.matcher import HungarianMatcher, select_thing_queries
-from .postprocessing import (
-    POSTPROCESSOR_REGISTRY,
-    MaskWiseMerging,
-    build_postprocessor,
-    mean_mask_instance_scores,
-)
+from .modeling.query_selection import ThingQuerySelection
+from .postprocessing import mean_mask_instance_scores
 from .utils import masks_to_boxes, upsample_masks_to_image
 
 __all__ = ["PanopticSegFormer", "dataset_class_ids"]
@@ -75,19 +76,14 @@ class PanopticSegFormer(nn.Module):
         position_encoding: nn.Module,
         encoder: DeformableTransformerEncoder,
         location_decoder: LocationDecoder,
-        mask_decoder: MaskDecoder,
+        mask_decoder: nn.Module,
         stuff_query_embed: nn.Embedding,
+        query_selection: ThingQuerySelection,
         criterion: nn.Module,
         postprocessor,
         thing_ids: List[int],
         stuff_ids: List[int],
-        query_decoupling: bool,
-        query_filter: bool,
-        query_filter_rounds: int,
-        query_filter_num: int,
         test_mask_decoder_layers: int,
-        test_num_thing_queries: int,
-        thing_class_source: str,
         mask_threshold: float,
         panoptic_on: bool,
         instance_on: bool,
@@ -107,18 +103,14 @@ class PanopticSegFormer(nn.Module):
         self.location_decoder = location_decoder
         self.mask_decoder = mask_decoder
         self.stuff_query_embed = stuff_query_embed
+        self.query_selection = query_selection
         self.criterion = criterion
         self.postprocessor = postprocessor
         self.thing_ids = list(thing_ids)
         self.stuff_ids = list(stuff_ids)
         self.num_classes = len(self.thing_ids) + len(self.stuff_ids)
-        self.query_decoupling = query_decoupling
-        self.query_filter = query_filter
-        self.query_filter_rounds = query_filter_rounds
-        self.query_filter_num = query_filter_num
+        self.query_decoupling = stuff_query_embed is not None
         self.test_mask_decoder_layers = test_mask_decoder_layers
-        self.test_num_thing_queries = test_num_thing_queries
-        self.thing_class_source = thing_class_source
         self.mask_threshold = mask_threshold
         self.panoptic_on = panoptic_on
         self.instance_on = instance_on
@@ -135,125 +127,47 @@ class PanopticSegFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        psf = cfg.MODEL.PANOPTIC_SEGFORMER
+        psf, t = cfg.MODEL.PANOPTIC_SEGFORMER, cfg.MODEL.PANOPTIC_SEGFORMER.TEST
         names = cfg.DATASETS.TRAIN or cfg.DATASETS.TEST
         thing_ids, stuff_ids = dataset_class_ids(names)
         if (len(thing_ids), len(stuff_ids)) != (psf.NUM_THING_CLASSES, psf.NUM_STUFF_CLASSES):
             raise ValueError(
                 f"MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES/NUM_STUFF_CLASSES = "
                 f"{psf.NUM_THING_CLASSES}/{psf.NUM_STUFF_CLASSES}, but dataset {names[0]!r} has "
-                f"{len(thing_ids)} thing and {len(stuff_ids)} stuff classes"
-            )
-        backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
-        for f in psf.IN_FEATURES:
-            if f not in shapes:
-                raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.IN_FEATURES: backbone has no output {f!r} "
-                                 f"(it has {sorted(shapes)})")
-        d = psf.HIDDEN_DIM
-        n_levels = psf.NUM_FEATURE_LEVELS
-        if n_levels < len(psf.IN_FEATURES):
-            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.NUM_FEATURE_LEVELS ({n_levels}) must be >= the "
-                             f"number of IN_FEATURES {list(psf.IN_FEATURES)}")
-        # Channel mapper (Sec. 3.1): 1x1 conv to d channels + GroupNorm, as Deformable DETR's input_proj;
-        # extra levels: 3x3 stride-2 conv + GroupNorm, the first on the last backbone feature.
-        channel_mapper = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(shapes[f].channels, d, kernel_size=1), nn.GroupNorm(32, d))
-            for f in psf.IN_FEATURES
-        )
-        for i in range(len(psf.IN_FEATURES), n_levels):
-            c_in = shapes[psf.IN_FEATURES[-1]].channels if i == len(psf.IN_FEATURES) else d
-            channel_mapper.append(nn.Sequential(
-                nn.Conv2d(c_in, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
-        for proj in channel_mapper:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.constant_(proj[0].bias, 0)
-        decoupled = psf.QUERY_DECOUPLING
-        num_stuff = len(stuff_ids)
-        # Joint matching (Table 8): one query set of N_th + N_st queries classified over all classes.
-        num_loc_classes = len(thing_ids) if decoupled else len(thing_ids) + num_stuff
-        num_loc_queries = psf.NUM_THING_QUERIES if decoupled else psf.NUM_THING_QUERIES + num_stuff
-        encoder = DeformableTransformerEncoder(
-            d_model=d, num_layers=psf.ENC_LAYERS, n_heads=psf.NHEADS, n_levels=n_levels,
-            n_points=psf.ENC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT, msda_impl=psf.MSDA_IMPL)
-        location_decoder = LocationDecoder(
-            num_loc_classes, d_model=d, num_layers=psf.LOCATION_DECODER_LAYERS,
-            num_queries=num_loc_queries, n_heads=psf.NHEADS, n_levels=n_levels,
-            n_points=psf.DEC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
-            box_free=psf.BOX_FREE, msda_impl=psf.MSDA_IMPL)
-        mask_levels = len(psf.IN_FEATURES)  # the mask decoder attends to the backbone levels only
-        if psf.MASK_DECODER_TYPE == "paper":
-            mask_decoder = MaskDecoder(
-                num_loc_classes, d_model=d, num_layers=psf.MASK_DECODER_LAYERS, n_heads=psf.NHEADS,
-                n_levels=mask_levels, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
-                self_attn=psf.MASK_DECODER_SELF_ATTN)
-        elif psf.MASK_DECODER_TYPE == "official":
-            if not decoupled:
-                raise ValueError("MASK_DECODER_TYPE 'official' needs MODEL.PANOPTIC_SEGFORMER."
-                                 "QUERY_DECOUPLING True (separate thing and stuff decoders)")
-            if psf.TEST.NUM_MASK_DECODER_LAYERS:
-                raise ValueError("MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS must be 0 with "
-                                 "MASK_DECODER_TYPE 'official' (its masks come from the final tail layer)")
-            mask_decoder = OfficialMaskDecoder(
-                num_loc_classes, d_model=d, n_heads=psf.NHEADS, d_ffn=psf.DIM_FEEDFORWARD,
-                num_thing_layers=psf.MASK_DECODER_LAYERS,
-                num_stuff_layers=psf.STUFF_MASK_DECODER_LAYERS,
-                thing_self_attn=psf.MASK_DECODER_SELF_ATTN,
-                stuff_self_attn=psf.STUFF_MASK_DECODER_SELF_ATTN, n_levels=mask_levels)
-        else:
-            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE must be 'paper' or 'official', "
-                             f"got {psf.MASK_DECODER_TYPE!r}")
-        matcher = HungarianMatcher(
-            cost_class=psf.MATCHER.COST_CLASS, cost_bbox=psf.MATCHER.COST_BBOX,
-            cost_giou=psf.MATCHER.COST_GIOU, cost_mask=psf.MATCHER.COST_MASK,
-            focal_alpha=psf.FOCAL_ALPHA, focal_gamma=psf.FOCAL_GAMMA, box_free=psf.BOX_FREE)
-        criterion = PanopticSegFormerCriterion(
-            num_loc_classes, num_stuff if decoupled else 0, matcher,
-            loss_weight_cls=psf.CLASS_WEIGHT, loss_weight_seg=psf.MASK_WEIGHT,
-            loss_weight_det=psf.DET_WEIGHT, det_weight_class=psf.DET_CLASS_WEIGHT,
-            det_weight_bbox=psf.DET_BBOX_WEIGHT, det_weight_giou=psf.DET_GIOU_WEIGHT,
-            focal_alpha=psf.FOCAL_ALPHA, focal_gamma=psf.FOCAL_GAMMA,
-            deep_supervision=psf.DEEP_SUPERVISION, box_free=psf.BOX_FREE,
-            dynamic_things_stuff_weight=psf.DYNAMIC_THINGS_STUFF_WEIGHT)
-        t = psf.TEST
-        # Mask-wise merging and its official variant take the TEST.* merging keys.
-        registered = POSTPROCESSOR_REGISTRY.get(t.POSTPROCESSOR) if t.POSTPROCESSOR in POSTPROCESSOR_REGISTRY else None
-        postprocessor = build_postprocessor(
-            t.POSTPROCESSOR,
-            **({"alpha": t.ALPHA, "beta": t.BETA, "mask_threshold": t.MASK_THRESHOLD,
-                "conf_threshold": (t.CONF_THRESHOLD_THING, t.CONF_THRESHOLD_STUFF),
-                "keep_threshold": (t.KEEP_THRESHOLD_THING, t.KEEP_THRESHOLD_STUFF)}
-               if isinstance(registered, type) and issubclass(registered, MaskWiseMerging) else {}))
-        if t.THING_CLASS_SOURCE not in ("mask_decoder", "location_decoder"):
-            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE must be 'mask_decoder' or "
-                             f"'location_decoder', got {t.THING_CLASS_SOURCE!r}")
-        if t.THING_CLASS_SOURCE == "location_decoder" and (psf.LOCATION_DECODER_LAYERS == 0 or not decoupled):
-            raise ValueError("MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE 'location_decoder' needs "
-                             "LOCATION_DECODER_LAYERS > 0 and QUERY_DECOUPLING True")
+                f"{len(thing_ids)} thing and {len(stuff_ids)} stuff classes")
         if not 0 <= t.NUM_MASK_DECODER_LAYERS <= psf.MASK_DECODER_LAYERS:
             raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS must be in "
                              f"[0, {psf.MASK_DECODER_LAYERS}], got {t.NUM_MASK_DECODER_LAYERS}")
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        channel_mapper = build_channel_mapper(cfg, shapes)
+        # Query decoupling (Sec. 3.3.1); joint matching (Table 8): one set of N_th + N_st queries
+        # classified over all classes by the location and mask decoders.
+        decoupled, num_stuff = psf.QUERY_DECOUPLING, len(stuff_ids)
+        num_classes = len(thing_ids) if decoupled else len(thing_ids) + num_stuff
+        encoder = build_encoder(cfg)
+        location_decoder = build_location_decoder(
+            cfg, num_classes, psf.NUM_THING_QUERIES if decoupled else psf.NUM_THING_QUERIES + num_stuff)
+        # The mask decoder attends to the backbone levels only (extra levels feed the encoder and the
+        # location decoder, as in the official code).
+        mask_decoder = build_mask_decoder(cfg, num_classes, len(psf.IN_FEATURES))
+        criterion = build_criterion(cfg, num_classes, num_stuff if decoupled else 0)
         return {
             "backbone": backbone,
             "in_features": list(psf.IN_FEATURES),
             "channel_mapper": channel_mapper,
             "position_encoding": PositionEmbeddingSine(
-                d // 2, normalize=True, offset=psf.POSITION_ENCODING_OFFSET),
+                psf.HIDDEN_DIM // 2, normalize=True, offset=psf.POSITION_ENCODING_OFFSET),
             "encoder": encoder,
             "location_decoder": location_decoder,
             "mask_decoder": mask_decoder,
-            "stuff_query_embed": nn.Embedding(num_stuff, 2 * d) if decoupled else None,
             "criterion": criterion,
-            "postprocessor": postprocessor,
+            "query_selection": build_query_selection(cfg, criterion.matcher),
+            "postprocessor": build_postprocessor_from_config(cfg),
+            "stuff_query_embed": nn.Embedding(num_stuff, 2 * psf.HIDDEN_DIM) if decoupled else None,
             "thing_ids": thing_ids,
             "stuff_ids": stuff_ids,
-            "query_decoupling": decoupled,
-            "query_filter": psf.QUERY_FILTER.ENABLED and psf.LOCATION_DECODER_LAYERS > 0,
-            "query_filter_rounds": psf.QUERY_FILTER.NUM_ROUNDS,
-            "query_filter_num": psf.QUERY_FILTER.NUM_QUERIES,
             "test_mask_decoder_layers": t.NUM_MASK_DECODER_LAYERS or mask_decoder.num_layers,
-            "test_num_thing_queries": t.NUM_THING_QUERIES,
-            "thing_class_source": t.THING_CLASS_SOURCE,
             "mask_threshold": t.MASK_THRESHOLD,
             "panoptic_on": t.PANOPTIC_ON,
             "instance_on": t.INSTANCE_ON,
@@ -305,63 +219,28 @@ class PanopticSegFormer(nn.Module):
         srcs, masks, pos = self._multi_scale_inputs(images)
         enc = self.encoder(srcs, masks, pos)
         loc = self.location_decoder(enc.memory, enc.levels)
-        queries, query_pos = loc["queries"], loc["query_pos"]
-        n, q_all = queries.shape[:2]
-        index = thing_pairs = None
-        if self.query_decoupling and not self.training and self.thing_class_source == "location_decoder":
-            # Official inference: the top (query, class) pairs of the last location-decoder layer; a query
-            # may appear once per class. Their thing classes and scores replace the mask decoder's.
-            logits = loc["pred_logits"][-1]  # (N, Q, K_th)
-            k = min(self.detections_per_image, logits.shape[1] * logits.shape[2])
-            top = logits.flatten(1).topk(k, dim=1)
-            index = torch.div(top.indices, logits.shape[2], rounding_mode="floor")
-            thing_pairs = (top.indices % logits.shape[2], top.values)
-        elif self.query_decoupling:
-            if self.training and self.query_filter and targets is not None:
-                # Query filtering (Appendix B.2): multi-round matching on the location decoder.
-                index = select_thing_queries(
-                    loc["pred_logits"][-1], loc["pred_boxes"][-1], targets,
-                    self.query_filter_rounds, min(self.query_filter_num, q_all),
-                    matcher=self.criterion.matcher)
-            elif not self.training and 0 < self.test_num_thing_queries < q_all and loc["pred_logits"]:
-                scores = loc["pred_logits"][-1].sigmoid().amax(-1)
-                index = scores.topk(self.test_num_thing_queries, dim=1).indices.sort(dim=1).values
-        if index is None:
-            index = torch.arange(q_all, device=queries.device).expand(n, q_all)
-        else:
-            gather = index[..., None].expand(-1, -1, queries.shape[-1])
-            queries, query_pos = queries.gather(1, gather), query_pos.gather(1, gather)
-        num_thing_queries = queries.shape[1]
-        if self.stuff_query_embed is not None:
-            stuff_pos, stuff_tgt = self.stuff_query_embed.weight.split(queries.shape[-1], dim=1)
-            queries = torch.cat([queries, stuff_tgt[None].expand(n, -1, -1)], dim=1)
-            query_pos = torch.cat([query_pos, stuff_pos[None].expand(n, -1, -1)], dim=1)
-        # The mask decoder attends to the backbone levels only (extra levels feed the encoder and the
-        # location decoder, as in the official code).
+        things = self.query_selection(loc, self.training, targets)
+        queries, query_pos = self.with_stuff_queries(things.queries, things.query_pos)
         levels = enc.levels.first(len(self.in_features))
-        s_k = levels.num_tokens
-        layers = self.mask_decoder(
-            queries, query_pos, num_thing_queries, enc.memory[:, :s_k], enc.pos[:, :s_k], levels,
-            num_layers=num_mask_layers, return_attention=return_attention)
-        # Mask logits over padding (1/8 of the padded batch) are pinned to "background", so the mask
-        # losses and the post-processors never see values the attention maps copied into padding.
-        pad = masks[0][:, None]
-        background = -1e4 if self.mask_decoder.mask_activation == "sigmoid" else 0.0
-        for layer in layers:
-            layer["pred_masks"] = layer["pred_masks"].masked_fill(pad, background)
-            if thing_pairs is not None:
-                labels, values = thing_pairs
-                thing_logits = torch.full_like(layer["thing_logits"], float("-inf"))
-                layer["thing_logits"] = thing_logits.scatter(2, labels[..., None], values[..., None])
-        outputs = {
-            "location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
-            "thing_query_index": index,
-            "mask": layers,
-            "levels": levels,
-        }
-        if thing_pairs is not None and loc["pred_boxes"][-1].shape[-1] == 4:
-            outputs["thing_boxes"] = loc["pred_boxes"][-1].gather(1, index[..., None].expand(-1, -1, 4))
+        s = levels.num_tokens
+        layers = self.mask_decoder(queries, query_pos, things.queries.shape[1], enc.memory[:, :s], enc.pos[:, :s],
+                                   levels, num_layers=num_mask_layers, return_attention=return_attention)
+        self.query_selection.use_pair_classes(layers, things)
+        outputs = {"location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
+                   "thing_query_index": things.index, "mask": layers, "levels": levels}
+        if things.pair_classes is not None and loc["pred_boxes"][-1].shape[-1] == 4:
+            outputs["thing_boxes"] = loc["pred_boxes"][-1].gather(1, things.index[..., None].expand(-1, -1, 4))
         return outputs
+
+    def with_stuff_queries(self, queries, query_pos):
+        """Append the class-fixed stuff queries (one per stuff class, Sec. 3.3.1) to the thing queries
+        (N, Q_th, C); their embedding holds (query_pos, query) halves."""
+        if self.stuff_query_embed is None:
+            return queries, query_pos
+        n = queries.shape[0]
+        stuff_pos, stuff_tgt = self.stuff_query_embed.weight.split(queries.shape[-1], dim=1)
+        return (torch.cat([queries, stuff_tgt[None].expand(n, -1, -1)], dim=1),
+                torch.cat([query_pos, stuff_pos[None].expand(n, -1, -1)], dim=1))
 
     def prepare_targets(self, batched_inputs, images: ImageList):
         """Criterion targets from the mapper's "instances" (things) and "stuff" (per class)."""
@@ -408,10 +287,8 @@ class PanopticSegFormer(nn.Module):
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        if self.training and self.mask_decoder.mask_activation != "sigmoid":
-            raise RuntimeError("MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE 'official' runs converted "
-                               "official checkpoints at inference only; train with 'paper'")
         if self.training:
+            self.mask_decoder.check_trainable()
             for x in batched_inputs:
                 if "instances" not in x or "stuff" not in x:
                     raise ValueError("training inputs need 'instances' and 'stuff' "
@@ -463,8 +340,7 @@ class PanopticSegFormer(nn.Module):
             dist, class_probs, labels, is_thing, mask_maps = self.per_query_predictions(last, i)
             mask_maps = masks_to_image(mask_maps, image_size, self.mask_stride, (height, width))
             mask_probs = self.mask_decoder.mask_probabilities(mask_maps, max_value=max_mask_value)
-            # The official masks are probabilities, there are no logits.
-            mask_logits = mask_maps if self.mask_decoder.mask_activation == "sigmoid" else None
+            mask_logits = self.mask_decoder.mask_logits(mask_maps)
             result = {}
             if self.panoptic_on:
                 result["panoptic_seg"] = postprocessor(

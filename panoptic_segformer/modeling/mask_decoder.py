@@ -48,6 +48,7 @@ __all__ = [
     "MaskDecoderLayer",
     "MaskDecoder",
     "check_decoder_inputs",
+    "fill_padding",
 ]
 
 def _replicate_index(level_padding_mask: Tensor) -> Tensor:
@@ -283,6 +284,14 @@ class MaskDecoderLayer(nn.Module):
         return tgt, attn
 
 
+def fill_padding(masks: Tensor, levels: LevelLayout, value: float) -> Tensor:
+    """``masks`` (N, Q, H_1, W_1) at level 1 with its padding cells set to ``value``, so that the mask
+    losses and the post-processors never see values the attention maps copied into padding."""
+    n, _, h1, w1 = masks.shape
+    pad = levels.padding_mask[:, :h1 * w1].view(n, 1, h1, w1)
+    return masks.masked_fill(pad, value)
+
+
 def check_decoder_inputs(decoder: nn.Module, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int,
                          memory: Tensor, memory_pos: Optional[Tensor], levels: LevelLayout,
                          num_layers: Optional[int]) -> int:
@@ -321,13 +330,22 @@ class MaskDecoder(nn.Module):
     biases use the focal-loss prior -log((1-0.01)/0.01).
     """
 
-    mask_activation = "sigmoid"
+    # "pred_masks" value of padding cells: a logit meaning "background" for every loss and post-processor.
+    padding_value = -1e4
 
     @staticmethod
     def mask_probabilities(mask_logits: Tensor, max_value: float = 1.0) -> Tensor:
         """Mask probabilities from the "pred_masks" logits (a sigmoid: within any ``max_value`` >= 1,
         the largest value the post-processor accepts)."""
         return mask_logits.sigmoid()
+
+    @staticmethod
+    def mask_logits(masks: Tensor) -> Optional[Tensor]:
+        """The logits behind :meth:`mask_probabilities`: "pred_masks" are logits."""
+        return masks
+
+    def check_trainable(self) -> None:
+        """The paper's decoder trains (Sec. 3.4)."""
 
     def __init__(
         self,
@@ -388,7 +406,7 @@ class MaskDecoder(nn.Module):
             out = {
                 "thing_logits": self.thing_class_embed[lid](tgt[:, :num_thing_queries]),
                 "stuff_logits": self.stuff_class_embed[lid](tgt[:, num_thing_queries:]).squeeze(-1),
-                "pred_masks": self.mask_heads[lid](attn, levels),
+                "pred_masks": fill_padding(self.mask_heads[lid](attn, levels), levels, self.padding_value),
             }
             if return_attention:
                 out["attention"] = attn

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .layers import focal_prior_bias
 from .levels import LevelLayout
-from .mask_decoder import MultiHeadCrossAttentionWithMaps, check_decoder_inputs
+from .mask_decoder import MultiHeadCrossAttentionWithMaps, check_decoder_inputs, fill_padding
 
 __all__ = ["OfficialMaskHead", "OfficialMaskDecoderLayer", "OfficialMaskBranch", "OfficialMaskDecoder"]
 
@@ -163,7 +163,7 @@ class OfficialMaskDecoder(nn.Module):
         n_levels: levels of F the masks are built from (the backbone levels; official: 3).
     """
 
-    mask_activation = "identity"
+    padding_value = 0.0  # "pred_masks" of padding cells: probability 0
 
     def __init__(self, num_thing_classes: int, d_model: int = 256, n_heads: int = 8, d_ffn: int = 1024,
                  num_thing_layers: int = 4, num_stuff_layers: int = 6, thing_self_attn: bool = False,
@@ -192,6 +192,16 @@ class OfficialMaskDecoder(nn.Module):
         are when ``max_value`` is ``inf``, else clamped to [0, ``max_value``]."""
         return masks if max_value == float("inf") else masks.clamp(0.0, max_value)
 
+    @staticmethod
+    def mask_logits(masks: Tensor) -> Optional[Tensor]:
+        """None: the official masks are probabilities, there are no logits."""
+        return None
+
+    def check_trainable(self) -> None:
+        """Raise: the official losses (V-Net dice on ReLU masks) are not part of this project."""
+        raise RuntimeError("MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE 'official' runs converted official "
+                           "checkpoints at inference only; train with 'paper'")
+
     def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int, memory: Tensor,
                 memory_pos: Optional[Tensor], levels: LevelLayout, num_layers: Optional[int] = None,
                 return_attention: bool = False) -> List[Dict[str, Tensor]]:
@@ -213,5 +223,5 @@ class OfficialMaskDecoder(nn.Module):
         return [{
             "thing_logits": self.thing_class_embed[-1](thing_q[-1]),
             "stuff_logits": self.stuff_class_embed[-1](stuff_q[-1]).squeeze(-1),
-            "pred_masks": torch.cat([thing_masks, stuff_masks], dim=1),
+            "pred_masks": fill_padding(torch.cat([thing_masks, stuff_masks], dim=1), levels, self.padding_value),
         }]
