@@ -224,7 +224,8 @@ class PanopticSegFormer(nn.Module):
         levels = enc.levels.first(len(self.in_features))
         s = levels.num_tokens
         layers = self.mask_decoder(queries, query_pos, things.queries.shape[1], enc.memory[:, :s], enc.pos[:, :s],
-                                   levels, num_layers=num_mask_layers, return_attention=return_attention)
+                                   levels, num_layers=num_mask_layers, return_attention=return_attention,
+                                   masks_of="all" if self.training else "last")
         self.query_selection.use_pair_classes(layers, things)
         outputs = {"location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
                    "thing_query_index": things.index, "mask": layers, "levels": levels}

@@ -112,22 +112,25 @@ class OfficialMaskDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm_ffn = nn.LayerNorm(d_model, eps=1e-6)
 
-    def forward(self, x: Tensor, memory: Tensor, levels: LevelLayout) -> Tuple[Optional[Tensor], Tensor]:
+    def forward(self, x: Tensor, memory: Tensor, levels: LevelLayout,
+                need_masks: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """
         Args:
             x: (N, Q, C) query + query_pos; memory: (N, S, C); levels: the layout of S.
+            need_masks: compute this layer's masks (the official inference reads only the tail's).
         Returns:
-            (N, Q, C) refined queries (None for the tail) and (N, Q, H_1, W_1) masks.
+            (N, Q, C) refined queries (None for the tail) and (N, Q, H_1, W_1) masks (None unless
+            ``need_masks``).
         """
         if self.tail:
             _, _, attn = self.cross_attn.attention_maps(x, memory)
             return None, self.mask_head(attn, levels)
         if self.use_self_attn:
             x = self.norm_sa(x + self.self_attn(x, x, x, need_weights=False)[0])
-        out, attn = self.cross_attn(x, memory, None, None, levels.padding_mask)
+        out, attn = self.cross_attn(x, memory, None, None, levels.padding_mask, need_maps=need_masks)
         x = self.norm_ca(x + out)
         x = self.norm_ffn(x + self.linear2(F.gelu(self.linear1(x))))
-        return x, self.mask_head(attn, levels)
+        return x, self.mask_head(attn, levels) if need_masks else None
 
 
 class OfficialMaskBranch(nn.Module):
@@ -146,7 +149,7 @@ class OfficialMaskBranch(nn.Module):
         """Returns the refined queries of every layer [(N, Q, C)] and the tail's masks (N, Q, H_1, W_1)."""
         x, refined = queries, []
         for layer in self.layers:
-            x, _ = layer(x if query_pos is None else x + query_pos, memory, levels)
+            x, _ = layer(x if query_pos is None else x + query_pos, memory, levels, need_masks=False)
             refined.append(x)
         _, masks = self.tail(x if query_pos is None else x + query_pos, memory, levels)
         return refined, masks
@@ -204,9 +207,10 @@ class OfficialMaskDecoder(nn.Module):
 
     def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int, memory: Tensor,
                 memory_pos: Optional[Tensor], levels: LevelLayout, num_layers: Optional[int] = None,
-                return_attention: bool = False) -> List[Dict[str, Tensor]]:
+                return_attention: bool = False, masks_of: str = "last") -> List[Dict[str, Tensor]]:
         """Same arguments as :meth:`MaskDecoder.forward`; ``memory_pos`` and the thing queries'
-        ``query_pos`` are not used (the official code passes none).
+        ``query_pos`` are not used (the official code passes none), and there is only the last layer
+        (``masks_of`` is accepted for the common signature).
 
         Returns a one-element list (the official inference uses only the final prediction):
         "thing_logits" (N, Q_th, K_th) and "stuff_logits" (N, Q_st) from each branch's last layer,
