@@ -328,35 +328,75 @@ class PanopticSegFormer(nn.Module):
 
         The post-processor's optional members (:mod:`panoptic_segformer.postprocessing.common`) say how
         the 1/8 masks reach the output size (``masks_to_image``), whether they are clamped to [0, 1]
-        (``max_mask_value``) and how the thing results of "instances" are scored (``instance_scores``).
+        (``max_mask_value``), which queries it reads (``read_queries``), whether it reads the mask
+        logits (``reads_mask_logits``) and how the thing results of "instances" are scored
+        (``instance_scores``). Only the masks an output needs are brought to full resolution, in one
+        pass over query chunks shared by the three outputs (:meth:`full_resolution_outputs`).
         """
         postprocessor = postprocessor or self.postprocessor
-        masks_to_image = getattr(postprocessor, "masks_to_image", upsample_masks_to_image)
-        max_mask_value = getattr(postprocessor, "max_mask_value", 1.0)
-        instance_scores = getattr(postprocessor, "instance_scores", mean_mask_instance_scores)
         last = outputs["mask"][-1]
         results = []
         for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
-            dist, class_probs, labels, is_thing, mask_maps = self.per_query_predictions(last, i)
-            mask_maps = masks_to_image(mask_maps, image_size, self.mask_stride, (height, width))
-            mask_probs = self.mask_decoder.mask_probabilities(mask_maps, max_value=max_mask_value)
-            mask_logits = self.mask_decoder.mask_logits(mask_maps)
-            result = {}
-            if self.panoptic_on:
-                result["panoptic_seg"] = postprocessor(
-                    mask_probs, class_probs, labels, is_thing, mask_logits=mask_logits,
-                    class_distribution=dist)
-            if self.instance_on:
-                boxes = None
-                if "thing_boxes" in outputs:
-                    boxes = self.thing_boxes_to_image(outputs["thing_boxes"][i], image_size, (height, width))
-                result["instances"] = self.instance_inference(
-                    mask_probs, class_probs, labels, is_thing, (height, width), instance_scores, boxes)
-            if self.semantic_on:
-                result["sem_seg"] = torch.einsum("qc,qhw->chw", dist, mask_probs)
-            results.append(result)
+            output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
+            dist, class_probs, labels, is_thing, maps = self.per_query_predictions(last, i)
+            boxes = None
+            if self.instance_on and "thing_boxes" in outputs:
+                boxes = self.thing_boxes_to_image(outputs["thing_boxes"][i], image_size, output_size)
+            results.append(self.full_resolution_outputs(
+                postprocessor, maps, dist, class_probs, labels, is_thing, image_size, output_size, boxes))
         return results
+
+    def full_resolution_outputs(self, postprocessor, maps, dist, class_probs, labels, is_thing, image_size,
+                                output_size, thing_boxes=None, chunk_elements: int = 1 << 25) -> Dict:
+        """One image's "panoptic_seg", "instances" and "sem_seg" (as enabled) from its per-query
+        predictions: class distribution (Q, K), class_probs / labels / is_thing (Q,), maps (Q, h, w) at 1/8.
+
+        Queries are brought to ``output_size`` in chunks of about ``chunk_elements`` values, and only the
+        ones some output reads: the post-processor's ``read_queries`` (panoptic), the thing queries
+        (instances: a running top-``detections_per_image``), every query (sem_seg, accumulated). Memory
+        is the outputs plus the masks the post-processor reads plus one chunk.
+        """
+        to_image = getattr(postprocessor, "masks_to_image", upsample_masks_to_image)
+        max_mask_value = getattr(postprocessor, "max_mask_value", 1.0)
+        read = torch.zeros_like(is_thing)
+        if self.panoptic_on:
+            read_queries = getattr(postprocessor, "read_queries", None)
+            read = read_queries(class_probs, labels, is_thing) if read_queries else torch.ones_like(is_thing)
+        needed = read | is_thing if self.instance_on else read.clone()
+        if self.semantic_on:
+            needed[:] = True
+        index = needed.nonzero().squeeze(1)
+        height, width = output_size
+        chunk = max(1, chunk_elements // max(1, height * width))
+        keep_logits = getattr(postprocessor, "reads_mask_logits", True)
+        read_maps, read_logits = [], []
+        sem = dist.new_zeros((dist.shape[1], height, width)) if self.semantic_on else None
+        top = _RunningTopK(self.detections_per_image, getattr(postprocessor, "instance_scores",
+                                                                 mean_mask_instance_scores), self.mask_threshold)
+        for rows in index.split(chunk) if index.numel() else ():
+            up = to_image(maps[rows], image_size, self.mask_stride, output_size)
+            probs = self.mask_decoder.mask_probabilities(up, max_value=max_mask_value)
+            r = read[rows]
+            read_maps.append(probs[r])
+            if keep_logits:
+                read_logits.append(up[r])
+            if sem is not None:
+                sem += torch.einsum("qc,qhw->chw", dist[rows], probs)
+            if self.instance_on:
+                t = is_thing[rows]
+                top.update(rows[t], probs[t], class_probs[rows[t]])
+        result = {}
+        if self.panoptic_on:
+            r = read.nonzero().squeeze(1)
+            mask_probs = torch.cat(read_maps) if read_maps else maps.new_zeros((0, height, width))
+            logits = self.mask_decoder.mask_logits(torch.cat(read_logits)) if read_logits else None
+            result["panoptic_seg"] = postprocessor(mask_probs, class_probs[r], labels[r], is_thing[r],
+                                                   mask_logits=logits, class_distribution=dist[r])
+        if self.instance_on:
+            result["instances"] = top.instances(output_size, class_probs, labels, thing_boxes)
+        if sem is not None:
+            result["sem_seg"] = sem
+        return result
 
     @staticmethod
     def thing_boxes_to_image(boxes, image_size, output_size) -> Boxes:
@@ -369,23 +409,43 @@ class PanopticSegFormer(nn.Module):
         boxes.scale(output_size[1] / w, output_size[0] / h)
         return boxes
 
-    def instance_inference(self, mask_probs, class_probs, labels, is_thing, image_size,
-                           instance_scores=mean_mask_instance_scores, thing_boxes=None):
-        """Top-`detections_per_image` thing results (stuff dropped, Table 4): binary masks
-        ``mask_probs > mask_threshold`` scored by ``instance_scores(mask_probs, class_probs, binary)``
-        (default: class probability x mean mask probability inside the binary mask). Boxes:
-        `thing_boxes` (Boxes of the Q_th thing queries, which come first) when given, else the
-        binary masks' tight boxes."""
-        keep = is_thing.nonzero().squeeze(1)
-        binary = mask_probs[keep] > self.mask_threshold
-        scores = instance_scores(mask_probs[keep], class_probs[keep], binary)
-        top = scores.topk(min(self.detections_per_image, scores.numel())).indices
+
+class _RunningTopK:
+    """The top-``k`` thing results of one image over chunks of thing queries (Table 4: stuff dropped).
+
+    Each result is a binary mask ``mask_probs > mask_threshold`` scored by ``instance_scores(mask_probs,
+    class_probs, binary)`` (default: class probability x mean mask probability inside the binary mask);
+    results are ranked by descending score, ties by query index. Only the current top-``k`` binary masks
+    are kept between chunks (chunks must come in increasing query order).
+    """
+
+    def __init__(self, k: int, instance_scores, mask_threshold: float):
+        self.k, self.instance_scores, self.mask_threshold = k, instance_scores, mask_threshold
+        self.index = self.scores = self.masks = None
+
+    def update(self, index, mask_probs, class_probs):
+        """index (M,) query indices (increasing), mask_probs (M, H, W), class_probs (M,)."""
+        binary = mask_probs > self.mask_threshold
+        scores = self.instance_scores(mask_probs, class_probs, binary)
+        if self.index is not None:  # the kept ones first: equal scores keep the lower query index first
+            index, scores = torch.cat([self.index, index]), torch.cat([self.scores, scores.to(self.scores.dtype)])
+            binary = torch.cat([self.masks, binary])
+        order = torch.sort(scores, descending=True, stable=True).indices[: self.k]
+        self.index, self.scores, self.masks = index[order], scores[order], binary[order]
+
+    def instances(self, image_size, class_probs, labels, thing_boxes=None) -> Instances:
+        """Detectron2 Instances; boxes from ``thing_boxes`` (Boxes of the Q_th thing queries, which come
+        first) when given, else the binary masks' tight boxes."""
         instances = Instances(image_size)
-        instances.pred_masks = binary[top]
+        if self.index is None:
+            self.index = labels.new_zeros((0,))
+            self.scores = class_probs.new_zeros((0,))
+            self.masks = torch.zeros((0,) + tuple(image_size), dtype=torch.bool, device=labels.device)
+        instances.pred_masks = self.masks
         if thing_boxes is not None:
-            instances.pred_boxes = Boxes(thing_boxes.tensor[keep[top]])
+            instances.pred_boxes = Boxes(thing_boxes.tensor[self.index])
         else:
-            instances.pred_boxes = Boxes(masks_to_boxes(binary[top]))
-        instances.scores = scores[top].to(class_probs.dtype)
-        instances.pred_classes = labels[keep][top]
+            instances.pred_boxes = Boxes(masks_to_boxes(self.masks))
+        instances.scores = self.scores.to(class_probs.dtype)
+        instances.pred_classes = labels[self.index]
         return instances

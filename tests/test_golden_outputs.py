@@ -12,7 +12,9 @@ exactly (SHA-256 of their bytes, with stored values to show where a difference i
 The fixture was written by this module (``python -m tests.test_golden_outputs --write`` from the repository
 root) at commit 155255d, before the slim meta-architecture of issue 13 (and the paper model's per-query,
 panoptic and semantic outputs were the same at 2e4ecb0, before the level layout; its instance scores changed
-in issue 10 by design). Rewrite it only for a change that is meant to alter the outputs, and say so in the
+in issue 10 by design). Rewritten once since, for a change meant to alter outputs: instances with equal
+scores are ranked by query index (issue 15; before, ``torch.topk``'s unspecified order), which swapped the
+boxes of two empty-mask (score 0) official instances. Rewrite it only for such a change, and say so in the
 commit. It is computed with one intra-op thread (the thread count changes float reduction order).
 """
 import hashlib

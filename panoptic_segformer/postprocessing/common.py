@@ -495,6 +495,19 @@ class PanopticPostProcessor:
     max_mask_value = 1.0
     #: Score ranking the thing results of the meta-architecture's ``instances`` output.
     instance_scores = staticmethod(mean_mask_instance_scores)
+    #: Whether :meth:`merge` reads ``mask_logits``; when False the caller may pass None (it then keeps no
+    #: second full-resolution copy of the masks).
+    reads_mask_logits = False
+
+    def read_queries(self, class_probs: torch.Tensor, labels: torch.Tensor, is_thing: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the queries whose masks :meth:`merge` may read, from their class predictions alone.
+
+        Calling the post-processor with only these queries (in query order) gives the same
+        ``(panoptic_seg, segments_info)``, so the caller need not bring the other masks to full
+        resolution (inference memory grows with the masks read, not with queries x image size).
+        Default: every query.
+        """
+        return torch.ones_like(is_thing)
 
     def __call__(
         self,

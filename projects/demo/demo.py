@@ -192,18 +192,29 @@ class QueryTracer:
     def __init__(self, postprocessor):
         self.postprocessor = postprocessor
         self.segment_queries: List[Dict[int, List[int]]] = []
+        self._read: List[List[int]] = []  # per call: the query index of each input (read_queries)
 
     def __getattr__(self, name):  # the wrapped post-processor's members (masks_to_image, ...)
         if "postprocessor" not in self.__dict__:
             raise AttributeError(name)
         return getattr(self.__dict__["postprocessor"], name)
 
+    def read_queries(self, class_probs, labels, is_thing):
+        """The wrapped post-processor's queries (the model then passes only those); remembered so that
+        traced segments name the model's query indices."""
+        read = getattr(self.postprocessor, "read_queries", None)
+        mask = read(class_probs, labels, is_thing) if read else torch.ones_like(is_thing)
+        self._read.append(mask.nonzero().flatten().tolist())
+        return mask
+
     def __call__(self, mask_probs, class_probs, labels, is_thing, mask_logits=None, class_distribution=None):
         out = self.postprocessor(mask_probs, class_probs, labels, is_thing, mask_logits=mask_logits,
                                  class_distribution=class_distribution)
-        self.segment_queries.append(trace_segment_queries(
+        traced = trace_segment_queries(
             self.postprocessor, out[0], out[1], mask_probs, class_probs, labels, is_thing,
-            mask_logits=mask_logits, class_distribution=class_distribution))
+            mask_logits=mask_logits, class_distribution=class_distribution)
+        index = self._read.pop(0) if self._read else list(range(labels.shape[0]))
+        self.segment_queries.append({seg: [index[q] for q in queries] for seg, queries in traced.items()})
         return out
 
 
