@@ -32,6 +32,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
@@ -256,10 +257,10 @@ def plot_sweep(summary: Dict, path: str, title: str = "") -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("PQ")
     for ax in axes[-1, :]:
-        ax.set_xlabel("severity")
+        ax.set_xlabel("severity (0: clean)")
     axes.flat[0].legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(textwrap.fill(title, width=int(11 * 2.6 * ncols)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -362,7 +363,8 @@ def main(argv=None):
                  f"for {len(args.postprocessors)} post-processors).\n")
     with open(os.path.join(args.output_dir, TABLE_MD), "w") as f:
         f.write(markdown)
-    plot_sweep(summary, os.path.join(args.output_dir, PLOT_PNG), title)
+    plot_sweep(summary, os.path.join(args.output_dir, PLOT_PNG),
+               f"PQ under corruption: {os.path.basename(weights)} on {cfg.DATASETS.TEST[0]} ({images} images)")
     print(markdown)
     print(f"{computed} cells computed now, {done_before} resumed; wrote {args.output_dir}/"
           f"{{{RESULTS_JSON}, {TABLE_MD}, {PLOT_PNG}}}")
