@@ -11,7 +11,8 @@ are ignored, i.e. they only act as background for the masks. Segments emptied by
 
 Augmentations (Sec. 4.1 / Appendix A.1): random horizontal flip; multi-scale resize (short side
 480-800, long side <= 1333); with probability ``INPUT.DETR_CROP_PROB`` a DETR-style crop (short side
-to 400/500/600, random crop 384-600, then the multi-scale resize). Test: resize to 800/1333.
+to 400/500/600, random crop 384-600, then the multi-scale resize). Test: resize to 800/1333, after
+an optional corruption of the image as read (``TEST.CORRUPTION``, Table 11; see ``.corruptions``).
 """
 import copy
 import logging
