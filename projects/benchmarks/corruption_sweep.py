@@ -224,8 +224,9 @@ def format_markdown(summary: Dict, corruptions: Sequence[str], severities: Seque
                     + ["skipped" if n in skipped else _fmt(s["corruptions"][n]["mean"]) for n in corruptions])
     lines.append(markdown_table(header, rows))
     lines.append("")
-    lines.append(f"PQ (%). Clean: no corruption. Mean: over the {len(corruptions) - len(skipped)} corruptions x "
-                 f"severities {', '.join(map(str, severities))}. Corruption columns: mean over the severities.")
+    at = f"severity {severities[0]}" if len(severities) == 1 else f"severities {', '.join(map(str, severities))}"
+    lines.append(f"PQ (%). Clean: no corruption. Mean: over the {len(corruptions) - len(skipped)} corruptions at "
+                 f"{at}. Corruption columns: mean over the severities.")
     for name, reason in skipped.items():
         lines.append(f"Skipped {name}: {reason}")
     for pp, s in summary.items():
