@@ -11,6 +11,7 @@ setup:
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) projects/setup/install_detectron2.py --timeout 20
 	$(PY) -m pip install -q --no-deps panopticapi-lite==0.2.0
+	$(PY) -m pip install -q --no-deps imagecorruptions-imaug==1.1.5
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m panoptic_segformer.collect_env
 

@@ -149,6 +149,15 @@ def add_panoptic_segformer_config(cfg):
     cfg.INPUT.SIZE_DIVISIBILITY = 32
     # Images smaller than this (either side, in pixels) are rejected with an error naming the file.
     cfg.INPUT.MIN_IMAGE_SIZE = 32
+
+    # Robustness to natural corruptions (Sec. 4.4, Table 11, COCO-C): the test-time mapper corrupts each
+    # image right after reading it with imagecorruptions' NAME at SEVERITY (1-5), seeded by the image
+    # id (panoptic_segformer/data/corruptions.py). "" = clean images. Under cfg.TEST, next to
+    # Detectron2's TEST.AUG, because it changes the evaluation data, not the model: it applies to any
+    # checkpoint and never to training (MODEL.PANOPTIC_SEGFORMER.TEST holds the model's inference).
+    cfg.TEST.CORRUPTION = CN()
+    cfg.TEST.CORRUPTION.NAME = ""
+    cfg.TEST.CORRUPTION.SEVERITY = 1
     return cfg
 
 

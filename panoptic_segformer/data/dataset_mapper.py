@@ -11,7 +11,8 @@ are ignored, i.e. they only act as background for the masks. Segments emptied by
 
 Augmentations (Sec. 4.1 / Appendix A.1): random horizontal flip; multi-scale resize (short side
 480-800, long side <= 1333); with probability ``INPUT.DETR_CROP_PROB`` a DETR-style crop (short side
-to 400/500/600, random crop 384-600, then the multi-scale resize). Test: resize to 800/1333.
+to 400/500/600, random crop 384-600, then the multi-scale resize). Test: resize to 800/1333, after
+an optional corruption of the image as read (``TEST.CORRUPTION``, Table 11; see ``.corruptions``).
 """
 import copy
 import logging
@@ -27,6 +28,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from PIL import Image, ImageOps
 
 from ..utils import masks_to_boxes
+from .corruptions import build_test_corruption
 
 __all__ = ["PanopticSegFormerDatasetMapper", "read_image_rgb", "read_panoptic_png", "DatasetError"]
 
@@ -108,6 +110,7 @@ class PanopticSegFormerDatasetMapper:
         image_format,
         thing_ids,
         min_image_size=32,
+        corruption=None,
     ):
         """
         Args:
@@ -117,6 +120,8 @@ class PanopticSegFormerDatasetMapper:
             image_format: "RGB" or "BGR".
             thing_ids: set of contiguous category ids that are things (the rest are stuff).
             min_image_size: images smaller than this on either side are rejected.
+            corruption: optional callable (image, dataset_dict, image_format) -> image applied to the
+                image right after it is read (TEST.CORRUPTION, Table 11; see `.corruptions`).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -125,8 +130,9 @@ class PanopticSegFormerDatasetMapper:
         self.image_format = image_format
         self.thing_ids = set(thing_ids)
         self.min_image_size = min_image_size
+        self.corruption = corruption
         logger.info(f"[PanopticSegFormerDatasetMapper] augmentations: {augmentations}; with "
-                    f"probability {crop_prob}: {crop_augmentations}")
+                    f"probability {crop_prob}: {crop_augmentations}; corruption: {corruption}")
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
@@ -151,6 +157,7 @@ class PanopticSegFormerDatasetMapper:
             augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
             crop_augs, crop_prob = [], 0.0
             dataset_names = cfg.DATASETS.TEST
+        corruption = build_test_corruption(cfg)
         thing_ids = set()
         for name in dataset_names:
             meta = MetadataCatalog.get(name)
@@ -163,11 +170,15 @@ class PanopticSegFormerDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "thing_ids": thing_ids,
             "min_image_size": cfg.INPUT.MIN_IMAGE_SIZE,
+            # Checked in training too, so that a bad TEST.CORRUPTION fails before training starts.
+            "corruption": None if is_train else corruption,
         }
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
         image = read_image_rgb(dataset_dict["file_name"], self.image_format, self.min_image_size)
+        if self.corruption is not None:
+            image = self.corruption(image, dataset_dict, self.image_format)
         utils.check_image_size(dataset_dict, image)
         pan_seg = None
         if self.is_train:

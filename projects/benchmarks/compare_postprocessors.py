@@ -32,7 +32,10 @@ from panoptic_segformer import PanopticSegFormerDatasetMapper
 from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.postprocessing import build_postprocessor, registered_postprocessors
 
-__all__ = ["TimedPostProcessor", "predict_with_postprocessors", "compare_postprocessors", "format_table", "main"]
+from .bench_utils import first_images_dataset
+
+__all__ = ["TimedPostProcessor", "predict_with_postprocessors", "compare_postprocessors", "format_table",
+           "load_model", "main"]
 
 logger = logging.getLogger("panoptic_segformer_benchmarks")
 
@@ -94,7 +97,7 @@ def compare_postprocessors(cfg, model, dataset_name: str, names: Sequence[str],
         cfg: the config the model was built from (test-time input size, data loader).
         model: a PanopticSegFormer in eval mode.
         names: registered post-processor names; ``cfg``'s TEST.POSTPROCESSOR uses ``model``'s own.
-        max_images: stop after this many images (default: the whole dataset).
+        max_images: only the first this many images, scored against their own ground truth (default: all).
 
     Returns:
         {name: {"PQ", "SQ", "RQ", "PQ_th", "PQ_st" (percent), "merge_ms" (mean per image),
@@ -102,6 +105,8 @@ def compare_postprocessors(cfg, model, dataset_name: str, names: Sequence[str],
     """
     if not model.panoptic_on:
         raise ValueError("MODEL.PANOPTIC_SEGFORMER.TEST.PANOPTIC_ON must be True")
+    if max_images is not None:  # the evaluators score exactly the images seen
+        dataset_name = first_images_dataset(dataset_name, max_images)
     own = cfg.MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR
     timed = OrderedDict(
         (name, TimedPostProcessor(model.postprocessor if name == own else build_postprocessor(name)))
@@ -167,6 +172,16 @@ def comparison_cfg(args):
     return cfg
 
 
+def load_model(cfg):
+    """The config's model with MODEL.WEIGHTS loaded (a warning if empty), in eval mode."""
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: scoring a randomly initialised model")
+    return model.eval()
+
+
 def main(argv=None):
     """Parse ``argv``, run the comparison, print the table; returns the table dict."""
     args = get_parser().parse_args(argv)
@@ -175,12 +190,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown post-processor(s) {unknown}; registered: {registered_postprocessors()}")
     cfg = comparison_cfg(args)
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: scoring a randomly initialised model")
-    model.eval()
+    model = load_model(cfg)
     dataset = cfg.DATASETS.TEST[0]
     table = compare_postprocessors(cfg, model, dataset, names, args.max_images)
     n = next(iter(table.values()))["images"]
