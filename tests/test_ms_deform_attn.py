@@ -267,3 +267,37 @@ def test_module_input_validation():
     with pytest.raises(ValueError, match="padding_mask"):  # the layout itself is validated once
         LevelLayout(levels.sizes, levels.spatial_shapes, levels.level_start_index,
                     torch.zeros(x.shape[:2]), levels.valid_ratios)
+
+
+def _previous_core(value, sizes, loc, weights):
+    """The implementation this core replaced (issue 15): one grid_sample per level on a (Q, P) grid, all
+    levels stacked, then one weighted sum. Kept here as the reference the faster core must equal."""
+    N, S, M, D = value.shape
+    _, Q, _, L, P, _ = loc.shape
+    grids = 2 * loc - 1
+    sampled = []
+    for lvl, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in sizes], dim=1), sizes)):
+        v = v.permute(0, 2, 3, 1).reshape(N * M, D, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(N * M, Q, P, 2)
+        sampled.append(torch.nn.functional.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
+                                                       align_corners=False))
+    w = weights.transpose(1, 2).reshape(N * M, 1, Q, L * P)
+    return (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1).view(N, M * D, Q).transpose(1, 2)
+
+
+def test_core_equals_the_previous_implementation_float64():
+    """Outputs and all three gradients equal the replaced per-level-stack implementation in float64."""
+    g = torch.Generator().manual_seed(11)
+    sizes = [(13, 17), (7, 9), (4, 5), (2, 3)]
+    N, Q, M, D, P = 2, 23, 4, 8, 3
+    S = sum(h * w for h, w in sizes)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64, requires_grad=True)
+    loc = (torch.rand(N, Q, M, len(sizes), P, 2, generator=g, dtype=torch.float64) * 1.3 - 0.15).requires_grad_(True)
+    weights = torch.rand(N, Q, M, len(sizes), P, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(N, Q, M * D, generator=g, dtype=torch.float64)
+    new = ms_deform_attn_core(value, sizes, loc, weights)
+    old = _previous_core(value, sizes, loc, weights)
+    torch.testing.assert_close(new, old, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(new, (value, loc, weights), grad_out),
+                    torch.autograd.grad(old, (value, loc, weights), grad_out)):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
