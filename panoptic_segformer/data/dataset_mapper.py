@@ -18,6 +18,7 @@ import copy
 import logging
 import os
 
+import cv2
 import numpy as np
 import torch
 from detectron2.config import configurable
@@ -37,6 +38,20 @@ logger = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """Bad input data; the message names the file and the problem."""
+
+
+def one_thread_in_workers() -> None:
+    """In a DataLoader worker process, use one intra-op thread in OpenCV (and torch).
+
+    PyTorch gives its workers one torch thread, but OpenCV's resize/warp keep a pool as large as the
+    machine's core count in every worker, on top of the training process's own threads: on a small or
+    busy machine the oversubscribed pools made training several times slower than with
+    ``OMP_NUM_THREADS=1`` (docs/BENCHMARKS.md). The training process keeps its threads. Works with every
+    Detectron2 loader (no worker_init_fn needed).
+    """
+    if torch.utils.data.get_worker_info() is not None and cv2.getNumThreads() != 1:
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
 
 
 def read_image_rgb(file_name, image_format="RGB", min_size=32):
@@ -175,6 +190,7 @@ class PanopticSegFormerDatasetMapper:
         }
 
     def __call__(self, dataset_dict):
+        one_thread_in_workers()
         dataset_dict = copy.deepcopy(dataset_dict)
         image = read_image_rgb(dataset_dict["file_name"], self.image_format, self.min_image_size)
         if self.corruption is not None:
