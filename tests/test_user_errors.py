@@ -15,8 +15,9 @@ from detectron2.engine import DefaultPredictor, default_argument_parser
 from detectron2.modeling import build_model
 
 import train_net
-from conftest import REPO_ROOT, load_script, small_cfg
+from conftest import REPO_ROOT, small_cfg
 from panoptic_segformer import PanopticSegFormerPredictor
+from projects.convert import convert_torchvision_to_d2 as convert
 
 SHAPES_YAML = os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")
 TINY = ["DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "DATASETS.TEST", "('shapes_panoptic_val_tiny',)",
@@ -89,7 +90,6 @@ def test_text_file_as_weights_names_the_file(tmp_path, text_weights):
 
 
 def test_torchvision_converter_names_a_text_file(tmp_path, text_weights):
-    convert = load_script("projects/convert/convert_torchvision_to_d2.py")
     with pytest.raises(ValueError, match=rf"{text_weights}: not a torchvision ResNet checkpoint that can be "
                                          r"loaded .*; it is a text file"):
         convert.main([text_weights, str(tmp_path / "R-50.pkl")])
