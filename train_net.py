@@ -11,7 +11,6 @@ import os
 
 import torch
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -20,6 +19,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 from panoptic_segformer import PanopticSegFormerDatasetMapper, add_panoptic_segformer_config
+from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 from panoptic_segformer.evaluation import ThingMaskAPEvaluator
 
 _NORM_TYPES = (
@@ -106,7 +106,16 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators and optimizer."""
+    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators, optimizer and checkpointer."""
+
+    def build_hooks(self):
+        # DefaultTrainer's checkpointer as a PanopticSegFormerCheckpointer (MODEL.WEIGHTS with class
+        # heads of another dataset is an error unless SKIP_MISMATCHED_CLASS_HEADS), set before the
+        # checkpoint hook takes it.
+        old = self.checkpointer
+        self.checkpointer = PanopticSegFormerCheckpointer.from_config(
+            old.model, self.cfg, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
+        return super().build_hooks()
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -141,7 +150,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        PanopticSegFormerCheckpointer.from_config(model, cfg, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():

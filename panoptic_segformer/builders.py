@@ -19,6 +19,7 @@ from .modeling.matcher import HungarianMatcher
 from .modeling.official_mask_decoder import OfficialMaskDecoder
 from .modeling.query_selection import ThingQuerySelection
 from .postprocessing import POSTPROCESSOR_REGISTRY, MaskWiseMerging, build_postprocessor
+from .postprocessing.common import check_unit_interval
 
 __all__ = [
     "MASK_DECODER_REGISTRY",
@@ -158,10 +159,20 @@ def build_query_selection(cfg, matcher: HungarianMatcher) -> ThingQuerySelection
         test_queries=t.NUM_THING_QUERIES, test_pairs=t.DETECTIONS_PER_IMAGE if pairs else 0)
 
 
+def _check_test_thresholds(t):
+    """The TEST.* thresholds of mask-wise merging (Eq. 6) and of the binary masks, checked with the
+    post-processors' own validator but named by their config keys."""
+    prefix = "MODEL.PANOPTIC_SEGFORMER.TEST."
+    for key in ("CONF_THRESHOLD_THING", "CONF_THRESHOLD_STUFF", "KEEP_THRESHOLD_THING", "KEEP_THRESHOLD_STUFF"):
+        check_unit_interval(getattr(t, key), prefix + key)
+    check_unit_interval(t.MASK_THRESHOLD, prefix + "MASK_THRESHOLD", high_open=True)
+
+
 def build_postprocessor_from_config(cfg):
     """The TEST.POSTPROCESSOR of the registry; mask-wise merging and its variants take the TEST.* merging
     keys, the other built-ins their own papers' thresholds."""
     t = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    _check_test_thresholds(t)
     registered = POSTPROCESSOR_REGISTRY.get(t.POSTPROCESSOR) if t.POSTPROCESSOR in POSTPROCESSOR_REGISTRY else None
     merging = isinstance(registered, type) and issubclass(registered, MaskWiseMerging)
     return build_postprocessor(

@@ -25,6 +25,11 @@ def add_panoptic_segformer_config(cfg):
     # match the training dataset's metadata (checked when the model is built).
     psf.NUM_THING_CLASSES = 80
     psf.NUM_STUFF_CLASSES = 53
+    # Loading MODEL.WEIGHTS whose class heads (thing classifiers) or stuff queries have another number
+    # of classes is an error naming the tensors (e.g. COCO weights with another dataset's config).
+    # True: fine-tune from another dataset: those tensors are skipped and keep their initialisation
+    # (panoptic_segformer/checkpoint.py).
+    psf.SKIP_MISMATCHED_CLASS_HEADS = False
     # Backbone features C3-C5 (strides 8/16/32), mapped to HIDDEN_DIM by the channel mapper (Sec. 3.1).
     psf.IN_FEATURES = ["res3", "res4", "res5"]
     # Feature levels of the encoder and location decoder. Levels beyond IN_FEATURES are extra

@@ -32,6 +32,7 @@ from .builders import (
     build_postprocessor_from_config,
     build_query_selection,
 )
+from .data.metadata import panoptic_class_ids
 from .modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSine
 from .modeling.location_decoder import LocationDecoder
 from .modeling.query_selection import ThingQuerySelection
@@ -43,15 +44,11 @@ __all__ = ["PanopticSegFormer", "dataset_class_ids"]
 
 def dataset_class_ids(dataset_names):
     """(thing_ids, stuff_ids): sorted contiguous ids of thing and stuff classes, read from the
-    metadata of `dataset_names` (which must agree)."""
+    metadata of `dataset_names` (which must agree; :func:`.data.metadata.panoptic_class_ids`)."""
     result = None
     for name in dataset_names:
-        meta = MetadataCatalog.get(name)
-        if not hasattr(meta, "thing_dataset_id_to_contiguous_id"):
-            raise ValueError(f"dataset {name!r}: metadata has no thing_dataset_id_to_contiguous_id "
-                             "(register it as a panoptic dataset)")
-        ids = (sorted(meta.thing_dataset_id_to_contiguous_id.values()),
-               sorted(getattr(meta, "stuff_dataset_id_to_contiguous_id", {}).values()))
+        # Standard or Mask2Former metadata: stuff = the categories that are not things.
+        ids = panoptic_class_ids(MetadataCatalog.get(name), name)
         if result is not None and ids != result:
             raise ValueError(f"datasets {list(dataset_names)} have different class sets")
         result = ids
@@ -185,8 +182,29 @@ class PanopticSegFormer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def preprocess_image(self, batched_inputs) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        """Normalised, padded batch of the inputs' "image" tensors, each checked first by
+        :meth:`check_input_image`."""
+        images = [(self.check_input_image(x.get("image"), i).to(self.device) - self.pixel_mean)
+                  / self.pixel_std for i, x in enumerate(batched_inputs)]
         return ImageList.from_tensors(images, self.size_divisibility)
+
+    def check_input_image(self, image, index: int = 0) -> torch.Tensor:
+        """Return input `index`'s "image" after checking it is a (C, H, W) tensor with C = the
+        channels of MODEL.PIXEL_MEAN, H, W >= 1 and finite values; ValueError naming the input, its
+        shape and the expected layout otherwise (instead of a broadcast error or NaN scores later).
+        Integer images cannot hold NaN/inf; float ones are checked on the device they come on (the
+        CPU for the dataset mapper and DefaultPredictor)."""
+        channels = self.pixel_mean.shape[0]
+        expected = (f"expected a (C, H, W) tensor with C = {channels} channels in INPUT.FORMAT order and "
+                    "H, W >= 1 (an (H, W, C) array must be transposed to channels-first)")
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"input {index}: 'image' is {type(image).__name__}: {expected}")
+        if image.dim() != 3 or image.shape[0] != channels or min(image.shape[1:]) < 1:
+            raise ValueError(f"input {index}: 'image' has shape {tuple(image.shape)}: {expected}")
+        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+            raise ValueError(f"input {index}: 'image' of shape {tuple(image.shape)} has non-finite values "
+                             "(NaN or inf): inputs must be finite pixel values")
+        return image
 
     def _multi_scale_inputs(self, images: ImageList):
         """Backbone + channel mapper + padding masks + positional encodings for each level."""

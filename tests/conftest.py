@@ -36,7 +36,8 @@ def coco_sample_root():
 
     root = coco_sample_root()
     if not os.path.isdir(root):
-        pytest.fail(f"COCO panoptic sample not found at {root} (set PANOPTIC_SEGFORMER_COCO_SAMPLE)")
+        pytest.fail(f"COCO panoptic sample not found at {root} (it ships in panoptic_segformer/data/"
+                    "coco_panoptic_sample; $PANOPTIC_SEGFORMER_COCO_SAMPLE, if set, must be the sample folder itself)")
     return root
 
 import sys

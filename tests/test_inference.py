@@ -381,7 +381,9 @@ def test_compare_postprocessors_prints_a_row_per_postprocessor(capsys):
     argv = ["--config-file", SHAPES_YAML, "--dataset", "shapes_panoptic_val_tiny", *SCRIPT_OPTS,
             "DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "SEED", "1"]
     table = compare.main(argv)
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "shapes_panoptic_val_tiny: 100%" in captured.err and "8/8" in captured.err  # tqdm progress
     assert list(table) == registered_postprocessors()
     for name, row in table.items():
         assert row["images"] == 8 and row["merge_ms"] > 0

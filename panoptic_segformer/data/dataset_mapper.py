@@ -189,6 +189,24 @@ class PanopticSegFormerDatasetMapper:
             "corruption": None if is_train else corruption,
         }
 
+    def _read_ground_truth(self, dataset_dict, image):
+        """The panoptic PNG as an (H, W) segment-id map, checked against the image size and the JSON
+        segments. Checked in training AND at test time: the evaluator scores this ground truth, so
+        it must be what training accepts. None at test time for a dict without annotation."""
+        if "pan_seg_file_name" not in dataset_dict or "segments_info" not in dataset_dict:
+            if self.is_train:
+                raise DatasetError(f"{dataset_dict['file_name']}: no panoptic annotation "
+                                   "('pan_seg_file_name', 'segments_info') in the dataset dict")
+            return None
+        pan_seg = read_panoptic_png(dataset_dict["pan_seg_file_name"])
+        if pan_seg.shape != image.shape[:2]:
+            raise DatasetError(
+                f"{dataset_dict['pan_seg_file_name']}: panoptic PNG is {pan_seg.shape[::-1]} but "
+                f"image {dataset_dict['file_name']} is {image.shape[1::-1]}"
+            )
+        _check_segments(pan_seg, dataset_dict["segments_info"], dataset_dict["pan_seg_file_name"])
+        return pan_seg
+
     def __call__(self, dataset_dict):
         one_thread_in_workers()
         dataset_dict = copy.deepcopy(dataset_dict)
@@ -196,18 +214,7 @@ class PanopticSegFormerDatasetMapper:
         if self.corruption is not None:
             image = self.corruption(image, dataset_dict, self.image_format)
         utils.check_image_size(dataset_dict, image)
-        pan_seg = None
-        if self.is_train:
-            if "pan_seg_file_name" not in dataset_dict:
-                raise DatasetError(f"{dataset_dict['file_name']}: no panoptic annotation "
-                                   "('pan_seg_file_name') in the dataset dict")
-            pan_seg = read_panoptic_png(dataset_dict["pan_seg_file_name"])
-            if pan_seg.shape != image.shape[:2]:
-                raise DatasetError(
-                    f"{dataset_dict['pan_seg_file_name']}: panoptic PNG is {pan_seg.shape[::-1]} but "
-                    f"image {dataset_dict['file_name']} is {image.shape[1::-1]}"
-                )
-            _check_segments(pan_seg, dataset_dict["segments_info"], dataset_dict["pan_seg_file_name"])
+        pan_seg = self._read_ground_truth(dataset_dict, image)
 
         augs = self.augmentations
         if self.crop_augmentations is not None and np.random.rand() < self.crop_prob:

@@ -13,7 +13,8 @@ inputs as in training-time evaluation), and each post-processor's outputs feed i
 ``COCOPanopticEvaluator``. The post-processor named by ``MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR``
 is the model's own (with the config's thresholds); the others use their constructors' defaults
 (the values of their original papers). Prints a Table-7-style markdown table: PQ, SQ, RQ, PQ^th,
-PQ^st and the mean time of one merge call (ms per image, CUDA-synchronised on GPU).
+PQ^st and the mean time of one merge call (ms per image, CUDA-synchronised on GPU). A tqdm bar on
+stderr shows the progress over the images.
 """
 import argparse
 import logging
@@ -23,12 +24,13 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+import tqdm
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOPanopticEvaluator
 from detectron2.modeling import build_model
 
 from panoptic_segformer import PanopticSegFormerDatasetMapper
+from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.postprocessing import build_postprocessor, registered_postprocessors
 
@@ -117,12 +119,14 @@ def compare_postprocessors(cfg, model, dataset_name: str, names: Sequence[str],
     loader = build_detection_test_loader(
         cfg, dataset_name, mapper=PanopticSegFormerDatasetMapper(cfg, is_train=False))
     count = 0
-    for inputs in loader:
-        if max_images is not None and count >= max_images:
-            break
-        for name, results in predict_with_postprocessors(model, inputs, timed).items():
-            evaluators[name].process(inputs, results)
-        count += len(inputs)
+    with tqdm.tqdm(total=len(loader.dataset), desc=dataset_name, unit="img") as progress:
+        for inputs in loader:
+            if max_images is not None and count >= max_images:
+                break
+            for name, results in predict_with_postprocessors(model, inputs, timed).items():
+                evaluators[name].process(inputs, results)
+            count += len(inputs)
+            progress.update(len(inputs))
     if count == 0:
         raise ValueError(f"dataset {dataset_name!r} has no image")
     table = OrderedDict()
@@ -176,7 +180,7 @@ def load_model(cfg):
     """The config's model with MODEL.WEIGHTS loaded (a warning if empty), in eval mode."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        PanopticSegFormerCheckpointer.from_config(model, cfg).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: scoring a randomly initialised model")
     return model.eval()

@@ -9,8 +9,9 @@ decoder's attention maps of each detected segment (paper Sec. 3.3.3, Fig. 6 and 
 
 Images are read with the package's ``read_image_rgb`` (grayscale, palette, RGBA, CMYK and 16-bit
 files are converted; missing, unreadable, truncated or too small files raise a ``DatasetError``
-naming the file), fed to Detectron2's ``DefaultPredictor`` unchanged (it resizes to
-``INPUT.MIN/MAX_SIZE_TEST`` and converts to ``INPUT.FORMAT``), and drawn with
+naming the file), fed to ``PanopticSegFormerPredictor`` (Detectron2's ``DefaultPredictor``, which
+resizes to ``INPUT.MIN/MAX_SIZE_TEST`` and converts to ``INPUT.FORMAT``, plus clear errors for bad
+arrays and mismatched weights), and drawn with
 ``Visualizer.draw_panoptic_seg`` using the metadata of ``DATASETS.TEST[0]``. A file that cannot be
 read is logged with its path and skipped; the exit status is 1 if any input failed.
 
@@ -35,6 +36,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
+from panoptic_segformer import PanopticSegFormerPredictor
 from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.data.dataset_mapper import DatasetError, read_image_rgb
 
@@ -412,7 +414,7 @@ def main(argv=None) -> int:
         raise SystemExit("give --input files or --video-input")
     cfg = demo_cfg(args)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    predictor = DefaultPredictor(cfg)
+    predictor = PanopticSegFormerPredictor(cfg)
     failures = []
     if files:
         _, failures = _run_images(args, cfg, predictor, metadata, files)
