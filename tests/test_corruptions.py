@@ -22,7 +22,7 @@ from panoptic_segformer.data.corruptions import (
     image_seed,
     unavailable_reason,
 )
-from panoptic_segformer.data.dataset_mapper import read_image_rgb
+from panoptic_segformer.data.io import read_image_rgb
 
 # Corruptions without random draws: the seed does not change their output.
 DETERMINISTIC = {"defocus_blur", "gaussian_blur", "brightness", "contrast", "saturate", "jpeg_compression",
@@ -76,7 +76,7 @@ def test_corruption_pixels_are_the_same_in_another_process(shapes_image):
     script = (
         "import hashlib, sys, numpy as np\n"
         "from panoptic_segformer.data.corruptions import corrupt_image, image_seed\n"
-        "from panoptic_segformer.data.dataset_mapper import read_image_rgb\n"
+        "from panoptic_segformer.data.io import read_image_rgb\n"
         "np.random.seed(12345)\n"
         "image = read_image_rgb(sys.argv[1])\n"
         "for name in sys.argv[2:]:\n"

@@ -32,7 +32,7 @@ import train_net
 from conftest import REPO_ROOT, small_cfg
 from panoptic_segformer import register_panoptic_dataset
 from panoptic_segformer.data import DatasetError
-from panoptic_segformer.data.dataset_mapper import read_panoptic_png
+from panoptic_segformer.data.io import read_panoptic_png
 from panoptic_segformer.data.datasets.builtin import coco_sample_root, register_coco_sample
 from panoptic_segformer.data.datasets.instances_json import panoptic_to_instances_json
 from panoptic_segformer.data.datasets.shapes import generate_shapes_panoptic

@@ -25,7 +25,7 @@ from PIL import Image
 from scipy import ndimage
 
 from conftest import REPO_ROOT, small_cfg
-from panoptic_segformer.data.dataset_mapper import read_image_rgb, read_panoptic_png
+from panoptic_segformer.data.io import read_image_rgb, read_panoptic_png
 from panoptic_segformer.postprocessing import (
     OfficialMerging,
     build_postprocessor,

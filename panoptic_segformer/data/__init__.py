@@ -1,5 +1,6 @@
 """Data: dataset registration (Detectron2 catalog) and the dataset mapper."""
-from .dataset_mapper import DatasetError, PanopticSegFormerDatasetMapper, read_image_rgb
+from .dataset_mapper import PanopticSegFormerDatasetMapper
+from .io import DatasetError, read_image_rgb, read_panoptic_png
 from .datasets import register_all
 
 register_all()

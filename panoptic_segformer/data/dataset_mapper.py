@@ -16,7 +16,6 @@ an optional corruption of the image as read (``TEST.CORRUPTION``, Table 11; see 
 """
 import copy
 import logging
-import os
 
 import cv2
 import numpy as np
@@ -26,18 +25,14 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
-from PIL import Image, ImageOps
 
 from ..utils import masks_to_boxes
 from .corruptions import build_test_corruption
+from .io import DatasetError, check_segments, read_image_rgb, read_panoptic_png
 
-__all__ = ["PanopticSegFormerDatasetMapper", "read_image_rgb", "read_panoptic_png", "DatasetError"]
+__all__ = ["PanopticSegFormerDatasetMapper"]
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError):
-    """Bad input data; the message names the file and the problem."""
 
 
 def one_thread_in_workers() -> None:
@@ -52,62 +47,6 @@ def one_thread_in_workers() -> None:
     if torch.utils.data.get_worker_info() is not None and cv2.getNumThreads() != 1:
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
-
-
-def read_image_rgb(file_name, image_format="RGB", min_size=32):
-    """Read an image file as an (H, W, 3) uint8 array in `image_format` ("RGB" or "BGR").
-
-    Grayscale, palette, RGBA, CMYK and 16-bit images are converted to RGB (16-bit values are
-    rescaled to 8 bits). Raises DatasetError naming the file if it is missing, unreadable,
-    truncated or smaller than `min_size` pixels on either side.
-    """
-    if not os.path.isfile(file_name):
-        raise DatasetError(f"{file_name}: image file does not exist")
-    try:
-        with Image.open(file_name) as pil:
-            pil.load()
-            if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(pil, dtype=np.float64)
-                scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
-                pil = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8))
-            pil = ImageOps.exif_transpose(pil)
-            image = utils.convert_PIL_to_numpy(pil, image_format)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{file_name}: cannot read image ({type(e).__name__}: {e})") from e
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise DatasetError(f"{file_name}: expected a 3-channel image after conversion, got {image.shape}")
-    if min(image.shape[:2]) < min_size:
-        raise DatasetError(
-            f"{file_name}: image is {image.shape[1]}x{image.shape[0]} px, smaller than the minimum "
-            f"{min_size} px (INPUT.MIN_IMAGE_SIZE)"
-        )
-    return image
-
-
-def read_panoptic_png(file_name):
-    """Read a COCO panoptic PNG as an (H, W) int64 segment-id map (id = R + 256 G + 256^2 B)."""
-    if not os.path.isfile(file_name):
-        raise DatasetError(f"{file_name}: panoptic PNG does not exist")
-    try:
-        with Image.open(file_name) as pil:
-            rgb = np.asarray(pil.convert("RGB"), dtype=np.int64)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{file_name}: cannot read panoptic PNG ({type(e).__name__}: {e})") from e
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def _check_segments(pan_seg, segments_info, png_file):
-    """JSON segments and PNG ids must agree (0 is void)."""
-    png_ids = set(np.unique(pan_seg).tolist()) - {0}
-    json_ids = [s["id"] for s in segments_info]
-    if len(set(json_ids)) != len(json_ids):
-        raise DatasetError(f"{png_file}: duplicate segment ids in the JSON: {sorted(json_ids)}")
-    missing_in_png = sorted(set(json_ids) - png_ids)
-    if missing_in_png:
-        raise DatasetError(f"{png_file}: JSON segment id(s) {missing_in_png} absent from the PNG")
-    missing_in_json = sorted(png_ids - set(json_ids))
-    if missing_in_json:
-        raise DatasetError(f"{png_file}: PNG segment id(s) {missing_in_json} absent from the JSON")
 
 
 class PanopticSegFormerDatasetMapper:
@@ -204,7 +143,7 @@ class PanopticSegFormerDatasetMapper:
                 f"{dataset_dict['pan_seg_file_name']}: panoptic PNG is {pan_seg.shape[::-1]} but "
                 f"image {dataset_dict['file_name']} is {image.shape[1::-1]}"
             )
-        _check_segments(pan_seg, dataset_dict["segments_info"], dataset_dict["pan_seg_file_name"])
+        check_segments(pan_seg, dataset_dict["segments_info"], dataset_dict["pan_seg_file_name"])
         return pan_seg
 
     def __call__(self, dataset_dict):

@@ -200,18 +200,6 @@ class PanopticSegFormerCriterion(nn.Module):
         return torch.where(total > 0, n_th / safe, 0.5), torch.where(total > 0, n_st / safe, 0.5)
 
     def prepare_targets(
-        self, targets: List[Dict[str, Tensor]], mask_size: Sequence[int], device: torch.device
-    ) -> List[Dict[str, Tensor]]:
-        """Validate targets and bring them to the prediction resolution.
-
-        Returns per image: ``"labels"`` (M,) long; ``"boxes"`` (M, 4) float (box-based) or ``"centers"``
-        (M, 2) mass centres (box-free, from the full-resolution masks); ``"masks"`` (M, h, w) area-downsampled
-        soft masks; ``"stuff_classes"`` (S,) sorted distinct present stuff classes and ``"stuff_masks"``
-        (S, h, w) their soft masks (segments of one class are merged). One host-device sync in all.
-        """
-        return self._prepare_targets(targets, mask_size, device)
-
-    def _prepare_targets(
         self,
         targets: List[Dict[str, Tensor]],
         mask_size: Sequence[int],
@@ -219,8 +207,16 @@ class PanopticSegFormerCriterion(nn.Module):
         thing_query_index: Tensor = None,
         num_queries: int = 0,
     ) -> List[Dict[str, Tensor]]:
-        """:meth:`prepare_targets`, also checking that ``thing_query_index`` lies in ``[0, num_queries)``
-        in the same single host transfer."""
+        """Validate targets and bring them to the prediction resolution.
+
+        Returns per image: ``"labels"`` (M,) long; ``"boxes"`` (M, 4) float (box-based) or ``"centers"``
+        (M, 2) mass centres (box-free, from the full-resolution masks); ``"masks"`` (M, h, w) area-downsampled
+        soft masks; ``"stuff_classes"`` (S,) sorted distinct present stuff classes and ``"stuff_masks"``
+        (S, h, w) their soft masks (segments of one class are merged). One host-device sync in all.
+
+        With ``thing_query_index``, also checks that it lies in ``[0, num_queries)`` in the same single host
+        transfer.
+        """
         stuff = []
         for i, t in enumerate(targets):
             for key in ("labels", "masks", "image_size"):
@@ -368,7 +364,7 @@ class PanopticSegFormerCriterion(nn.Module):
                 f"thing_query_index must be ({batch}, {num_thing_queries}) long, "
                 f"got {tuple(index.shape)} {index.dtype}"
             )
-        # Its value range was checked by _prepare_targets (in the transfer that validates the targets).
+        # Its value range was checked by prepare_targets (in the transfer that validates the targets).
         return torch.gather(boxes_last, 1, index[..., None].expand(-1, -1, boxes_last.shape[-1]))
 
     # ------------------------------------------------------------------ matching
@@ -396,12 +392,12 @@ class PanopticSegFormerCriterion(nn.Module):
         """
         logits_list, boxes_list, mask_layers = self._check_outputs(outputs, len(targets))
         pm = mask_layers[-1]["pred_masks"]
-        prepared = self._prepare_targets(targets, pm.shape[-2:], pm.device, *self._index_check(outputs, boxes_list))
+        prepared = self.prepare_targets(targets, pm.shape[-2:], pm.device, *self._index_check(outputs, boxes_list))
         return self.matcher.match_many([self._thing_match_inputs(outputs, boxes_list, mask_layers)], prepared)[0]
 
     @staticmethod
     def _index_check(outputs: Dict, boxes_list: List[Tensor]) -> Tuple:
-        """(thing_query_index, Q_all) to validate in :meth:`_prepare_targets`, or () without an index."""
+        """(thing_query_index, Q_all) to validate in :meth:`prepare_targets`, or () without an index."""
         index = outputs.get("thing_query_index")
         if index is None or not boxes_list:
             return ()
@@ -454,7 +450,7 @@ class PanopticSegFormerCriterion(nn.Module):
         num_thing_queries = mask_layers[-1]["thing_logits"].shape[1]
         losses: Dict[str, Tensor] = {}
         with torch.autocast(device_type=device.type, enabled=False):
-            prepared = self._prepare_targets(
+            prepared = self.prepare_targets(
                 targets, last_masks.shape[-2:], device, *self._index_check(outputs, boxes_list)
             )  # host-device sync 1 of 2
             lam_things, lam_stuff = (

@@ -38,7 +38,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from panoptic_segformer import PanopticSegFormerPredictor
 from panoptic_segformer.config import setup_cfg
-from panoptic_segformer.data.dataset_mapper import DatasetError, read_image_rgb
+from panoptic_segformer.data.io import DatasetError, read_image_rgb
 
 __all__ = [
     "get_parser",

@@ -24,7 +24,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.colormap import colormap
 
-from ..dataset_mapper import DatasetError
+from ..io import DatasetError
 from .ade20k_categories import ADE20K_150_CATEGORIES
 from .instances_json import panoptic_to_instances_json
 from .shapes import default_cache_root

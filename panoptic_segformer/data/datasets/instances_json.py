@@ -11,7 +11,7 @@ import os
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..dataset_mapper import DatasetError, read_panoptic_png
+from ..io import DatasetError, read_panoptic_png
 
 __all__ = ["panoptic_to_instances_json"]
 
