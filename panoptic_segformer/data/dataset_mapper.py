@@ -35,17 +35,19 @@ __all__ = ["PanopticSegFormerDatasetMapper"]
 logger = logging.getLogger(__name__)
 
 
-def one_thread_in_workers() -> None:
-    """In a DataLoader worker process, use one intra-op thread in OpenCV (and torch).
+def one_opencv_thread_for_workers() -> None:
+    """One OpenCV thread in this process and in the DataLoader workers it forks from now on.
 
     PyTorch gives its workers one torch thread, but OpenCV's resize/warp keep a pool as large as the
     machine's core count in every worker, on top of the training process's own threads: on a small or
     busy machine the oversubscribed pools made training several times slower than with
-    ``OMP_NUM_THREADS=1`` (docs/BENCHMARKS.md). The training process keeps its threads. Works with every
-    Detectron2 loader (no worker_init_fn needed).
+    ``OMP_NUM_THREADS=1`` (docs/BENCHMARKS.md). It must be called in the parent, *before* the workers are
+    forked, which inherit the setting: ``cv2.setNumThreads`` inside a forked worker deadlocks once the
+    parent's OpenCV pool has started (fork copies the idle pool's condition variable, and resizing the
+    pool waits on it forever; tests/test_dataloader_threads.py reproduces it). The parent's torch threads
+    are left alone; its own OpenCV work (none while workers map the data) becomes single-threaded.
     """
-    if torch.utils.data.get_worker_info() is not None and cv2.getNumThreads() != 1:
-        torch.set_num_threads(1)
+    if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
 
 
@@ -65,6 +67,7 @@ class PanopticSegFormerDatasetMapper:
         thing_ids,
         min_image_size=32,
         corruption=None,
+        dataloader_workers=0,
     ):
         """
         Args:
@@ -76,6 +79,8 @@ class PanopticSegFormerDatasetMapper:
             min_image_size: images smaller than this on either side are rejected.
             corruption: optional callable (image, dataset_dict, image_format) -> image applied to the
                 image right after it is read (TEST.CORRUPTION, Table 11; see `.corruptions`).
+            dataloader_workers: DATALOADER.NUM_WORKERS; with workers, building the mapper sets one OpenCV
+                thread before they are forked (:func:`one_opencv_thread_for_workers`).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -85,6 +90,8 @@ class PanopticSegFormerDatasetMapper:
         self.thing_ids = set(thing_ids)
         self.min_image_size = min_image_size
         self.corruption = corruption
+        if dataloader_workers > 0:
+            one_opencv_thread_for_workers()
         logger.info(f"[PanopticSegFormerDatasetMapper] augmentations: {augmentations}; with "
                     f"probability {crop_prob}: {crop_augmentations}; corruption: {corruption}")
 
@@ -126,6 +133,7 @@ class PanopticSegFormerDatasetMapper:
             "min_image_size": cfg.INPUT.MIN_IMAGE_SIZE,
             # Checked in training too, so that a bad TEST.CORRUPTION fails before training starts.
             "corruption": None if is_train else corruption,
+            "dataloader_workers": cfg.DATALOADER.NUM_WORKERS,
         }
 
     def _read_ground_truth(self, dataset_dict, image):
@@ -147,7 +155,6 @@ class PanopticSegFormerDatasetMapper:
         return pan_seg
 
     def __call__(self, dataset_dict):
-        one_thread_in_workers()
         dataset_dict = copy.deepcopy(dataset_dict)
         image = read_image_rgb(dataset_dict["file_name"], self.image_format, self.min_image_size)
         if self.corruption is not None:
