@@ -39,7 +39,7 @@ from .modeling.query_selection import ThingQuerySelection
 from .postprocessing import mean_mask_instance_scores
 from .utils import masks_to_boxes, upsample_masks_to_image
 
-__all__ = ["PanopticSegFormer", "dataset_class_ids"]
+__all__ = ["PanopticSegFormer", "dataset_class_ids", "padding_mask"]
 
 
 def dataset_class_ids(dataset_names):
@@ -55,6 +55,20 @@ def dataset_class_ids(dataset_names):
     if result is None:
         raise ValueError("no dataset given: set DATASETS.TRAIN or DATASETS.TEST")
     return result
+
+
+def padding_mask(images: ImageList, device) -> torch.Tensor:
+    """(N, H_pad, W_pad) bool, True at the padding of each image of the padded batch ``images``.
+
+    ``images.image_sizes`` holds each image's (h, w): Python ints (copied to ``device`` without blocking, no
+    host-device sync), or an (N, 2) int64 tensor (the exported network's ``image_size`` input, so that the
+    ONNX graph computes the mask from the runtime sizes, :mod:`panoptic_segformer.deploy`).
+    """
+    n, _, hp, wp = images.tensor.shape
+    sizes = torch.as_tensor(images.image_sizes, dtype=torch.long).to(device, non_blocking=True).view(n, 2)
+    rows = torch.arange(hp, device=device)[None, :, None] >= sizes[:, 0, None, None]
+    cols = torch.arange(wp, device=device)[None, None, :] >= sizes[:, 1, None, None]
+    return rows | cols
 
 
 @META_ARCH_REGISTRY.register()
@@ -209,10 +223,7 @@ class PanopticSegFormer(nn.Module):
     def _multi_scale_inputs(self, images: ImageList):
         """Backbone + channel mapper + padding masks + positional encodings for each level."""
         features = self.backbone(images.tensor)
-        n, _, hp, wp = images.tensor.shape
-        pad = torch.ones((n, hp, wp), dtype=torch.bool, device=self.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            pad[i, :h, :w] = False
+        pad = padding_mask(images, self.device)
         srcs, masks, pos = [], [], []
         num_backbone = len(self.in_features)
         for i, proj in enumerate(self.channel_mapper):
@@ -351,18 +362,33 @@ class PanopticSegFormer(nn.Module):
         (``instance_scores``). Only the masks an output needs are brought to full resolution, in one
         pass over query chunks shared by the three outputs (:meth:`full_resolution_outputs`).
         """
-        postprocessor = postprocessor or self.postprocessor
         last = outputs["mask"][-1]
         results = []
         for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
-            dist, class_probs, labels, is_thing, maps = self.per_query_predictions(last, i)
-            boxes = None
-            if self.instance_on and "thing_boxes" in outputs:
-                boxes = self.thing_boxes_to_image(outputs["thing_boxes"][i], image_size, output_size)
-            results.append(self.full_resolution_outputs(
-                postprocessor, maps, dist, class_probs, labels, is_thing, image_size, output_size, boxes))
+            thing_boxes = outputs["thing_boxes"][i] if "thing_boxes" in outputs else None
+            results.append(self.image_outputs(self.per_query_predictions(last, i), thing_boxes, x, image_size,
+                                              postprocessor))
         return results
+
+    def image_outputs(self, per_query, thing_boxes, x: Dict, image_size, postprocessor=None) -> Dict:
+        """One image's Detectron2 outputs from its per-query predictions: the post-processing shared by
+        :meth:`inference` and the ONNX runtime's outputs (:class:`panoptic_segformer.deploy.OnnxPredictor`).
+
+        Args:
+            per_query: :meth:`per_query_predictions`' (class_distribution, class_probs, labels, is_thing,
+                mask_logits) of the image.
+            thing_boxes: (Q_th, 4) the image's "thing_boxes" of :meth:`forward_outputs`, or None.
+            x: the image's input dict ("height" / "width", when given, are the output size).
+            image_size: (h, w) of the image inside the padded batch.
+        """
+        postprocessor = postprocessor or self.postprocessor
+        output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
+        dist, class_probs, labels, is_thing, maps = per_query
+        boxes = None
+        if self.instance_on and thing_boxes is not None:
+            boxes = self.thing_boxes_to_image(thing_boxes, image_size, output_size)
+        return self.full_resolution_outputs(postprocessor, maps, dist, class_probs, labels, is_thing, image_size,
+                                            output_size, boxes)
 
     def full_resolution_outputs(self, postprocessor, maps, dist, class_probs, labels, is_thing, image_size,
                                 output_size, thing_boxes=None, chunk_elements: int = 1 << 25) -> Dict:

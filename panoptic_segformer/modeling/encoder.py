@@ -100,9 +100,11 @@ def get_reference_points(levels: LevelLayout) -> Tensor:
     device, dtype = valid_ratios.device, valid_ratios.dtype
     reference_points_list = []
     for lvl, (H, W) in enumerate(levels.sizes):
+        # Pixel centres 0.5, 1.5, ..., H - 0.5 (= linspace(0.5, H - 0.5, H), exactly): arange keeps a
+        # symbolic H symbolic under torch.export (linspace's step count would fix the image size).
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, H - 0.5, H, dtype=dtype, device=device),
-            torch.linspace(0.5, W - 0.5, W, dtype=dtype, device=device),
+            (torch.arange(H, dtype=torch.float32, device=device) + 0.5).to(dtype),
+            (torch.arange(W, dtype=torch.float32, device=device) + 0.5).to(dtype),
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)  # (N, H*W)

@@ -8,7 +8,10 @@ Every module that reads such tokens -- :class:`~.ms_deform_attn.MSDeformAttn`, t
 
 A layout is built once per batch from the per-level padding masks (:meth:`LevelLayout.from_padding_masks`)
 using only tensor *shapes*: the level sizes are Python ints, so no module ever reads level metadata back
-from the device (no host-device sync), and it is validated once, when it is built.
+from the device (no host-device sync), and it is validated once, when it is built. Under ``torch.export``
+with a dynamic image size the shapes are symbolic (``torch.SymInt``): the sizes stay symbolic (never
+``int(...)``, which would specialise the export to one image size), so the exported graph computes every
+level's size, start offset and token count from the input's height and width.
 """
 from __future__ import annotations
 
@@ -47,18 +50,44 @@ def get_valid_ratio(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.stack([valid_w.to(dtype) / w, valid_h.to(dtype) / h], -1)
 
 
+def _is_size(v) -> bool:
+    """A positive Python int, or a symbolic size (``torch.SymInt`` under ``torch.export``)."""
+    return isinstance(v, torch.SymInt) or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0)
+
+
+def _as_size(v):
+    """``v`` as a Python int; a ``torch.SymInt`` stays symbolic (``int()`` would specialise an export)."""
+    return v if isinstance(v, torch.SymInt) else int(v)
+
+
 def as_level_sizes(sizes) -> Tuple[Tuple[int, int], ...]:
-    """``sizes`` as a tuple of positive Python ``(H, W)`` int pairs; ValueError otherwise (no tensors)."""
+    """``sizes`` as a tuple of positive Python ``(H, W)`` int pairs (symbolic ``torch.SymInt`` sizes of
+    ``torch.export`` are kept as they are); ValueError otherwise (no tensors)."""
     try:
         pairs = [tuple(pair) for pair in sizes]
     except TypeError:
         pairs = None
-    if not pairs or any(
-        len(p) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in p)
-        for p in pairs
-    ):
+    if not pairs or any(len(p) != 2 or not all(_is_size(v) for v in p) for p in pairs):
         raise ValueError(f"level sizes must be a non-empty sequence of positive (H, W) integer pairs, got {sizes!r}")
-    return tuple((int(h), int(w)) for h, w in pairs)
+    return tuple((_as_size(h), _as_size(w)) for h, w in pairs)
+
+
+def _index_tensor(values, device) -> Tensor:
+    """int64 tensor of ``values`` (sizes, or a list of size pairs) on ``device``. From Python ints it is
+    built on the host and copied without blocking (from pageable memory the copy is staged at once: no
+    host-device sync); with symbolic sizes (``torch.export``) it is stacked from scalar tensors, so the
+    exported graph computes it from the input's shape (``torch.as_tensor`` would specialise it)."""
+    def flat(v):
+        return [x for item in v for x in flat(item)] if isinstance(v, (tuple, list)) else [v]
+
+    def stacked(v):
+        if isinstance(v, (tuple, list)):
+            return torch.stack([stacked(item) for item in v])
+        return torch.scalar_tensor(v, dtype=torch.long, device=device)
+
+    if any(isinstance(v, torch.SymInt) for v in flat(values)):
+        return stacked(values)
+    return torch.as_tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 def check_sampling_shapes(N: int, M: int, L: int, sampling_locations: Tensor, attention_weights: Tensor):
@@ -131,13 +160,12 @@ class LevelLayout:
             if not isinstance(m, Tensor) or m.dim() != 3 or m.dtype != torch.bool or m.shape[0] != n:
                 got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
                 raise ValueError(f"level mask {lvl} must be a bool tensor (N={n}, H, W), got {got}")
-        sizes = [(int(m.shape[1]), int(m.shape[2])) for m in masks]
+        sizes = as_level_sizes(m.shape[1:] for m in masks)
         device = masks[0].device
         return cls(
-            sizes=tuple(sizes),
-            spatial_shapes=torch.as_tensor(sizes, dtype=torch.long).to(device, non_blocking=True),
-            level_start_index=torch.as_tensor(level_start_offsets(sizes), dtype=torch.long).to(
-                device, non_blocking=True),
+            sizes=sizes,
+            spatial_shapes=_index_tensor(sizes, device),
+            level_start_index=_index_tensor(level_start_offsets(sizes), device),
             padding_mask=torch.cat([m.flatten(1) for m in masks], 1),
             valid_ratios=torch.stack([get_valid_ratio(m, dtype) for m in masks], 1),
         )
