@@ -30,4 +30,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
+    # ONNX export and OnnxPredictor (panoptic_segformer/deploy.py); requirements.txt pins them.
+    extras_require={"onnx": ["onnx", "onnxscript", "onnxruntime"]},
 )

@@ -76,12 +76,16 @@ MASK_BIAS_SHIFT = {"paper": 8.0, "official": 30.0, "shapes": 8.0}
 STUFF_BIAS_SHIFT = {"shapes": 6.0}  # its 3 stuff queries: from the focal prior up to where some are kept
 
 
-def _perturbed_model(name):
+def _perturbed_model(name, opts=(), attention_noise=0.5, mask_bias_shift=None):
+    """Config and seeded, perturbed model ``name``; ``opts`` (KEY VALUE ...), the noise on the attention
+    projections and the mask-bias shift (default: MASK_BIAS_SHIFT[name]) change it for other tests
+    (test_onnx_export: milder logits)."""
     from detectron2.modeling import build_model
 
     from panoptic_segformer.config import setup_cfg
 
-    cfg = setup_cfg(SHAPES_YAML, MODELS[name])
+    shift = MASK_BIAS_SHIFT[name] if mask_bias_shift is None else mask_bias_shift
+    cfg = setup_cfg(SHAPES_YAML, MODELS[name] + list(opts))
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(1)
@@ -93,11 +97,11 @@ def _perturbed_model(name):
                 if "stuff_class_embed" in pname:
                     p.add_(STUFF_BIAS_SHIFT.get(name, 0.0))
             elif "cross_attn.q_proj" in pname or "cross_attn.k_proj" in pname:
-                p.add_(noise * 0.5)  # spatially structured attention maps, hence masks
+                p.add_(noise * attention_noise)  # spatially structured attention maps, hence masks
             elif "mask_head" in pname:
                 p.add_(noise * 0.3)
             if pname.endswith("mask_heads.1.conv2.bias") or pname.endswith("tail.mask_head.fc.bias"):
-                p.sub_(MASK_BIAS_SHIFT[name])  # smaller, more distinct masks
+                p.sub_(shift)  # smaller, more distinct masks
     return cfg, model
 
 

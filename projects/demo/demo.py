@@ -6,13 +6,15 @@ decoder's attention maps of each detected segment (paper Sec. 3.3.3, Fig. 6 and 
         --input images/*.jpg --output out/ --opts MODEL.WEIGHTS model.pth
     python -m projects.demo.demo --config-file ... --input a.jpg --output a_pan.png --show-attention
     python -m projects.demo.demo --config-file ... --video-input clip.mp4 --output out/
+    python -m projects.demo.demo --config-file ... --input a.jpg --output out/ --backend onnx --onnx-model model.onnx
 
 Images are read with the package's ``read_image_rgb`` (grayscale, palette, RGBA, CMYK and 16-bit
 files are converted; missing, unreadable, truncated or too small files raise a ``DatasetError``
 naming the file), fed to ``PanopticSegFormerPredictor`` (Detectron2's ``DefaultPredictor``, which
 resizes to ``INPUT.MIN/MAX_SIZE_TEST`` and converts to ``INPUT.FORMAT``, plus clear errors for bad
 arrays and mismatched weights), and drawn with
-``Visualizer.draw_panoptic_seg`` using the metadata of ``DATASETS.TEST[0]``. A file that cannot be
+``Visualizer.draw_panoptic_seg`` using the metadata of ``DATASETS.TEST[0]``. ``--backend onnx`` uses
+``OnnxPredictor`` (the network exported to ONNX, run by onnxruntime; same outputs) instead. A file that cannot be
 read is logged with its path and skipped; the exit status is 1 if any input failed.
 
 ``--show-attention`` runs the model a second time on the predictor's pre-processed input with
@@ -36,13 +38,14 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
-from panoptic_segformer import PanopticSegFormerPredictor
+from panoptic_segformer import OnnxPredictor, PanopticSegFormerPredictor
 from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.data.io import DatasetError, read_image_rgb
 
 __all__ = [
     "get_parser",
     "demo_cfg",
+    "make_predictor",
     "expand_inputs",
     "predictor_inputs",
     "trace_segment_queries",
@@ -76,6 +79,10 @@ def get_parser():
                         help="also save the mask decoder's attention maps of each segment")
     parser.add_argument("--attention-segments", type=int, default=8, metavar="N",
                         help="with --show-attention: at most N segments per image (highest score first)")
+    parser.add_argument("--backend", choices=("pytorch", "onnx"), default="pytorch",
+                        help="run the network in PyTorch (MODEL.WEIGHTS) or in onnxruntime (--onnx-model, "
+                             "exported with `python -m projects.deploy.export`); same outputs")
+    parser.add_argument("--onnx-model", metavar="FILE", help="with --backend onnx: the exported model")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
@@ -92,6 +99,20 @@ def demo_cfg(args):
                          "the metadata of DATASETS.TEST[0]")
     cfg.freeze()
     return cfg
+
+
+def make_predictor(args, cfg):
+    """``PanopticSegFormerPredictor(cfg)``, or with ``--backend onnx`` ``OnnxPredictor(cfg, --onnx-model)``
+    (same interface and outputs). ``--show-attention`` needs the PyTorch model's attention maps."""
+    if args.backend == "pytorch":
+        if args.onnx_model:
+            raise SystemExit("--onnx-model is only read with --backend onnx")
+        return PanopticSegFormerPredictor(cfg)
+    if not args.onnx_model:
+        raise SystemExit("--backend onnx needs --onnx-model FILE (export one with `python -m projects.deploy.export`)")
+    if args.show_attention:
+        raise SystemExit("--show-attention needs --backend pytorch (the ONNX model outputs no attention maps)")
+    return OnnxPredictor(cfg, args.onnx_model)
 
 
 def expand_inputs(patterns: Sequence[str]) -> List[str]:
@@ -414,7 +435,7 @@ def main(argv=None) -> int:
         raise SystemExit("give --input files or --video-input")
     cfg = demo_cfg(args)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    predictor = PanopticSegFormerPredictor(cfg)
+    predictor = make_predictor(args, cfg)
     failures = []
     if files:
         _, failures = _run_images(args, cfg, predictor, metadata, files)

@@ -1,0 +1,1 @@
+"""Deployment tools: ``python -m projects.deploy.export`` (the network to ONNX, for onnxruntime)."""
