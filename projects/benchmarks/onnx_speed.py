@@ -10,8 +10,8 @@ image of exactly ``--image-size`` (the first COCO sample image, resized) then go
 ``PanopticSegFormerPredictor`` and ``OnnxPredictor`` -- the same pre- and post-processing, the network in
 PyTorch or in onnxruntime -- alternately, one untimed call each, then ``--iters`` timed calls each
 (PyTorch, onnxruntime, PyTorch, ...), so that load from other processes hits both alike. Reported: each
-backend's per-image times (median, min, mean), the network alone (the exported part, same alternation), the
-largest difference of the per-query outputs and whether the panoptic segmentations are identical, the
+backend's per-image times (median, min, mean), with --network-times the network alone (the exported part,
+same alternation), the largest difference of the per-query outputs and whether the panoptic segmentations are identical, the
 load average before and after. CPU only; torch and onnxruntime use their default thread counts.
 """
 import argparse
@@ -40,6 +40,10 @@ def get_parser():
     parser.add_argument("--trace-size", type=parse_image_size, default=(512, 512), metavar="HxW",
                         help="example input of the export")
     parser.add_argument("--iters", type=int, default=5, help="timed calls per backend (alternated)")
+    parser.add_argument("--network-times", action="store_true",
+                        help="also time the exported network alone in both backends (same alternation)")
+    parser.add_argument("--onnx-model", metavar="FILE",
+                        help="reuse this export of the same config (random init, seed 0) instead of exporting")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
@@ -69,9 +73,12 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     cfg = bench_utils.random_init_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
     model = bench_utils.build_model(cfg).eval()
-    path = os.path.join(tempfile.mkdtemp(prefix="psf-onnx-"), "model.onnx")
-    export_s, _ = _timed(export_onnx, model, path, args.trace_size)
-    print(f"export: {export_s:.1f} s -> {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", flush=True)
+    if args.onnx_model:
+        path, export_s = args.onnx_model, None
+    else:
+        path = os.path.join(tempfile.mkdtemp(prefix="psf-onnx-"), "model.onnx")
+        export_s, _ = _timed(export_onnx, model, path, args.trace_size)
+        print(f"export: {export_s:.1f} s -> {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", flush=True)
 
     h, w = args.image_size
     bgr = cv2.resize(cv2.imread(DatasetCatalog.get("coco_panoptic_sample")[0]["file_name"]), (w, h))
@@ -93,12 +100,16 @@ def main(argv=None) -> int:
     diffs = {k: float((got[k].double() - v.double()).abs().max()) for k, v in zip(PER_QUERY_OUTPUTS, want)}
     same_panoptic = bool(torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
                          and a["panoptic_seg"][1] == b["panoptic_seg"][1])
-    times = {"pytorch": [], "onnxruntime": [], "pytorch_network": [], "onnxruntime_network": []}
+    print(f"per-query max abs difference {diffs}, panoptic_seg identical: {same_panoptic}", flush=True)
+    times = {"pytorch": [], "onnxruntime": []}
+    if args.network_times:
+        times.update(pytorch_network=[], onnxruntime_network=[])
     for i in range(args.iters):
         times["pytorch"].append(_timed(pytorch, bgr)[0])
         times["onnxruntime"].append(_timed(onnx, bgr)[0])
-        times["pytorch_network"].append(_timed(torch_network)[0])
-        times["onnxruntime_network"].append(_timed(onnx.model.run, images)[0])
+        if args.network_times:
+            times["pytorch_network"].append(_timed(torch_network)[0])
+            times["onnxruntime_network"].append(_timed(onnx.model.run, images)[0])
         print(f"iter {i}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     result = {
         "config": args.config_file, "opts": list(args.opts), "image_size": [h, w],
