@@ -13,13 +13,11 @@ and input checks as :class:`~.predictor.PanopticSegFormerPredictor`, then the me
 post-processing (:meth:`PanopticSegFormer.image_outputs`, the registered post-processor) applied to the
 runtime's outputs, so it returns the same ``panoptic_seg`` / ``instances`` / ``sem_seg``.
 """
-import logging
 import os
 from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 from torch import nn
 
@@ -28,8 +26,6 @@ from .predictor import PanopticSegFormerPredictor
 
 __all__ = ["ExportedNetwork", "OnnxPredictor", "check_exportable", "export_onnx", "INPUT_NAMES", "OPSET",
            "PER_QUERY_OUTPUTS"]
-
-logger = logging.getLogger(__name__)
 
 OPSET = 18
 INPUT_NAMES = ("image", "image_size")

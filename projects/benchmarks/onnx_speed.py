@@ -23,7 +23,6 @@ import tempfile
 import time
 
 import cv2
-import numpy as np
 import torch
 
 from projects.benchmarks import bench_utils

@@ -18,7 +18,6 @@ import re
 import sys
 import time
 
-import torch
 from detectron2.modeling import build_model
 
 from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
