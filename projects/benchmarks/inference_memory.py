@@ -131,25 +131,33 @@ def plot(files, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for f in files for r in json.load(open(f))]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    loaded = [json.load(open(f)) for f in files]  # lists of runs, or dicts with "predictor_runs"
+    runs = [r for d in loaded for r in (d["predictor_runs"] if isinstance(d, dict) else d) if r.get("predictor")]
     series = {}
     for r in runs:
         series.setdefault(r["label"], []).append(r)
-    for name, rs in sorted(series.items()):
-        if len({tuple(r["image_size"]) for r in rs}) == 1:  # one size: memory against read masks
-            ax, xs = axes[1], [r["read_masks"] for r in rs]
-        else:
-            ax, xs = axes[0], [r["image_size"][0] * r["image_size"][1] / 1e6 for r in rs]
-        order = np.argsort(xs)
-        ax.plot(np.asarray(xs)[order], np.asarray([r["peak_rss_gib"] for r in rs])[order], "o-", label=name)
-    axes[0].set_xlabel("output image size (megapixels)")
-    axes[1].set_xlabel("masks read at full resolution (kept segments are a subset)")
-    for ax in axes:
+    # a series of one image size is drawn against the masks read, one of several sizes against size
+    by_reads = {k: v for k, v in series.items() if len({tuple(r["image_size"]) for r in v}) == 1}
+    by_size = {k: v for k, v in series.items() if k not in by_reads}
+    panels = [(p, xlabel) for p, xlabel in ((by_size, "output image size (megapixels)"),
+                                           (by_reads, "masks read at full resolution")) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (panel, xlabel) in zip(axes[0], panels):
+        for name, rs in sorted(panel.items()):
+            xs = [r["read_masks"] if panel is by_reads else r["image_size"][0] * r["image_size"][1] / 1e6
+                  for r in rs]
+            order = np.argsort(xs)
+            ys = np.asarray([r["peak_rss_gib"] for r in rs])[order]
+            ax.plot(np.asarray(xs)[order], ys, "o-", label=name)
+            for r, x, y in zip(np.asarray(rs)[order], np.asarray(xs)[order], ys):
+                ax.annotate(f"{r['image_size'][0]}x{r['image_size'][1]}", (x, y), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("peak RSS (GiB)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("DefaultPredictor peak memory, R50 COCO config, random weights, 2-core CPU")
+    fig.suptitle("DefaultPredictor peak memory (fresh process per point)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")

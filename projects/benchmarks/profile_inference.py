@@ -103,7 +103,7 @@ def main(argv=None):
     stages = stage_operator_times(prof.events())
     report = {"config": args.config_file, "opts": args.opts, "image_size": args.image_size, "dtype": args.dtype,
               "threads": torch.get_num_threads(), "machine": bench_utils.machine(device),
-              "wall_stages_ms": dict(timer.stages()), "stages": {}}
+              "wall_stages_s": dict(timer.stages()), "stages": {}}
     total = sum(s["ms"] for s in stages.values())
     print(f"Profiled call: {total / 1e3:.2f} s over the stages\n")
     for name, s in stages.items():
