@@ -424,8 +424,9 @@ class PanopticSegFormer(nn.Module):
             read_maps.append(probs[r])
             if keep_logits:
                 read_logits.append(up[r])
-            if sem is not None:
-                sem += torch.einsum("qc,qhw->chw", dist[rows], probs)
+            if sem is not None:  # accumulated in place: no (K, H, W) temporary per chunk
+                sem.view(sem.shape[0], -1).addmm_(dist[rows].to(sem.dtype).t(),
+                                                  probs.reshape(len(rows), -1).to(sem.dtype))
             if self.instance_on:
                 t = is_thing[rows]
                 top.update(rows[t], probs[t], class_probs[rows[t]])
@@ -460,22 +461,27 @@ class _RunningTopK:
     Each result is a binary mask ``mask_probs > mask_threshold`` scored by ``instance_scores(mask_probs,
     class_probs, binary)`` (default: class probability x mean mask probability inside the binary mask);
     results are ranked by descending score, ties by query index. Only the current top-``k`` binary masks
-    are kept between chunks (chunks must come in increasing query order).
+    are kept between chunks (chunks must come in increasing query order), each in its own tensor: a mask
+    is copied once when it enters the top-``k`` and freed when it leaves, so memory is ``k`` masks plus
+    one chunk and time is linear in the thing queries (re-gathering all ``k`` masks per chunk was
+    quadratic: with one query per chunk at 4000x6000, 300 copies of 2.4 GB).
     """
 
     def __init__(self, k: int, instance_scores, mask_threshold: float):
         self.k, self.instance_scores, self.mask_threshold = k, instance_scores, mask_threshold
-        self.index = self.scores = self.masks = None
+        self.index = self.scores = None
+        self.masks: List[torch.Tensor] = []  # binary (H, W) mask of each current top result, in rank order
 
     def update(self, index, mask_probs, class_probs):
         """index (M,) query indices (increasing), mask_probs (M, H, W), class_probs (M,)."""
         binary = mask_probs > self.mask_threshold
         scores = self.instance_scores(mask_probs, class_probs, binary)
+        kept = len(self.masks)
         if self.index is not None:  # the kept ones first: equal scores keep the lower query index first
             index, scores = torch.cat([self.index, index]), torch.cat([self.scores, scores.to(self.scores.dtype)])
-            binary = torch.cat([self.masks, binary])
         order = torch.sort(scores, descending=True, stable=True).indices[: self.k]
-        self.index, self.scores, self.masks = index[order], scores[order], binary[order]
+        self.index, self.scores = index[order], scores[order]
+        self.masks = [self.masks[j] if j < kept else binary[j - kept].clone() for j in order.tolist()]
 
     def instances(self, image_size, class_probs, labels, thing_boxes=None) -> Instances:
         """Detectron2 Instances; boxes from ``thing_boxes`` (Boxes of the Q_th thing queries, which come
@@ -484,7 +490,11 @@ class _RunningTopK:
         if self.index is None:
             self.index = labels.new_zeros((0,))
             self.scores = class_probs.new_zeros((0,))
-            self.masks = torch.zeros((0,) + tuple(image_size), dtype=torch.bool, device=labels.device)
+        masks = torch.empty((len(self.masks),) + tuple(image_size), dtype=torch.bool, device=labels.device)
+        for i in range(len(self.masks)):  # each kept mask is freed once copied: peak k masks + one
+            masks[i] = self.masks[i]
+            self.masks[i] = None
+        self.masks = masks
         instances.pred_masks = self.masks
         if thing_boxes is not None:
             instances.pred_boxes = Boxes(thing_boxes.tensor[self.index])

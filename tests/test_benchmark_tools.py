@@ -167,3 +167,40 @@ def test_train_memory_step_runs_and_reports(query_filter):
     assert result["mask_decoder_thing_queries"] == (8 if query_filter == "on" else 12)
     assert 1 <= result["things"] <= 3 and result["stuff"] == 2
     assert result["peak_rss_gib"] >= result["peak_rss_growth_gib"] >= 0
+
+
+def test_profile_inference_attributes_every_stage_and_operator(tmp_path):
+    """profile_inference (issue 15): every stage of model_stats has a profiler range with a time, its
+    operators' self times fit inside it, and the heavy operators land in their stage."""
+    from projects.benchmarks import profile_inference
+
+    report = profile_inference.main(["--config-file", SHAPES_YAML, "--image-size", "96x128",
+                                     "--json", str(tmp_path / "p.json")] + TINY)
+    assert list(report["stages"]) == list(model_stats.STAGES)
+    for name, stage in report["stages"].items():
+        assert stage["ms"] > 0, name
+        assert sum(op["self_ms"] for op in stage["ops"].values()) <= stage["ms"] * 1.01 + 0.5, name
+    assert "aten::grid_sampler_2d" in report["stages"]["channel mapper + encoder"]["ops"]  # MSDA core
+    assert any("conv" in op for op in report["stages"]["backbone"]["ops"])
+    assert json.load(open(tmp_path / "p.json"))["stages"].keys() == report["stages"].keys()
+
+
+def test_inference_memory_reports_peak_outputs_and_read_masks(tmp_path):
+    """inference_memory (issue 15) through DefaultPredictor: peak RSS at least the post-build RSS, outputs at
+    the array's size, and the masks the post-processor read (all queries at t_cnf 0, none at 1)."""
+    from projects.benchmarks import inference_memory
+
+    out = str(tmp_path / "m.json")
+    for conf in ("0.0", "1.0"):
+        inference_memory.main(["--config-file", SHAPES_YAML, "--predictor", "--image-size", "60x90",
+                               "--label", conf, "--json-append", out] + TINY
+                              + ["MODEL.PANOPTIC_SEGFORMER.TEST.CONF_THRESHOLD_THING", conf,
+                                 "MODEL.PANOPTIC_SEGFORMER.TEST.CONF_THRESHOLD_STUFF", conf])
+    runs = json.load(open(out))
+    assert [r["label"] for r in runs] == ["0.0", "1.0"]
+    for r in runs:
+        assert r["peak_rss_gib"] >= r["rss_after_build_gib"] > 0
+        assert r["outputs"]["sem_seg"][1:] == [60, 90]
+    assert runs[0]["read_masks"] > 0 and runs[1]["read_masks"] == 0
+    inference_memory.main(["--plot", out, "--out", str(tmp_path / "m.png")])
+    assert os.path.getsize(tmp_path / "m.png") > 0

@@ -237,6 +237,34 @@ def test_full_resolution_outputs_do_not_depend_on_the_chunk_size():
     assert torch.equal(a.scores, scores[order]) and torch.equal(a.pred_masks, binary[order])
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 40])
+def test_running_top_k_instances_equal_one_stable_sort(chunk):
+    """The instances' running top-k over query chunks (issue 15: each mask copied once when it enters,
+    not the whole top-k per chunk) gives what one stable sort of all thing queries gives: scores
+    descending, ties (many here) by query index, the binary masks and labels of those queries."""
+    from panoptic_segformer.panoptic_segformer import _RunningTopK
+
+    g = torch.Generator().manual_seed(0)
+    q, k = 40, 7
+    mask_probs = torch.rand(q, 6, 5, generator=g)
+    class_probs = torch.randint(0, 4, (q,), generator=g).float() / 4  # 4 values: ties
+    labels = torch.randint(0, 10, (q,), generator=g)
+    top = _RunningTopK(k, lambda probs, cls, binary: cls, mask_threshold=0.5)
+    for rows in torch.arange(q).split(chunk):
+        before = {int(i): m.data_ptr() for i, m in zip(top.index if top.index is not None else [], top.masks)}
+        top.update(rows, mask_probs[rows], class_probs[rows])
+        assert len(top.masks) == min(k, int(rows[-1]) + 1)
+        stayed = [(int(i), m.data_ptr()) for i, m in zip(top.index, top.masks) if int(i) in before]
+        assert all(before[i] == ptr for i, ptr in stayed), "a kept mask was copied again"
+    result = top.instances((6, 5), class_probs, labels)
+    order = torch.sort(class_probs, descending=True, stable=True).indices[:k]
+    assert torch.equal(result.scores, class_probs[order])
+    assert torch.equal(result.pred_masks, mask_probs[order] > 0.5)
+    assert torch.equal(result.pred_classes, labels[order])
+    empty = _RunningTopK(k, lambda probs, cls, binary: cls, 0.5).instances((6, 5), class_probs, labels)
+    assert len(empty) == 0 and empty.pred_masks.shape == (0, 6, 5)
+
+
 def test_panoptic_inference_brings_only_the_masks_it_reads_to_full_resolution():
     """Memory grows with the masks the post-processor reads, not with the number of queries: with only
     panoptic output on, exactly the read_queries masks are upsampled."""

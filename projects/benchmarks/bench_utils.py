@@ -153,6 +153,26 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence], align: Optio
     return "\n".join(lines)
 
 
+def image_size_arg(text: str):
+    """argparse ``type`` for ``HxW`` (e.g. ``800x1333``): (H, W) positive ints."""
+    import argparse
+
+    try:
+        size = tuple(int(v) for v in str(text).lower().split("x"))
+        if len(size) == 2 and min(size) > 0:
+            return size
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be HxW, e.g. 800x1333, got {text!r}")
+
+
+def write_json(path: str, report) -> None:
+    """Write ``report`` to ``path`` (numpy / torch scalars as numbers) and say so."""
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=json_default)
+    print(f"wrote {path}")
+
+
 def json_default(obj):
     """``json.dump(default=...)`` for numpy / torch scalars."""
     if isinstance(obj, (np.integer, np.floating)):

@@ -45,7 +45,6 @@ takes fp32, tf32 (CUDA), bf16, fp16; both accept comma-separated lists and every
 """
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -189,11 +188,12 @@ class StageTimer:
 
     Marks: start, backbone_in, backbone_out, encoder_out, location_out, mask_out, end; the
     post-processor is wrapped to accumulate panoptic-merge time. ``probe()`` (optional) is sampled at
-    each mark, e.g. the number of host syncs counted so far.
+    each mark, e.g. the number of host syncs counted so far; ``on_mark(name)`` (optional) is called at
+    each mark, e.g. to open a profiler range per stage (profile_inference.py).
     """
 
-    def __init__(self, model, device, probe=None, synchronize=True):
-        self.model, self.probe = model, probe
+    def __init__(self, model, device, probe=None, synchronize=True, on_mark=None):
+        self.model, self.probe, self.on_mark = model, probe, on_mark
         self.device = device if synchronize else torch.device("cpu")  # sync() is a no-op on the CPU
         device = self.device
         self.marks, self.probes, self.merge_s, self.handles = {}, {}, 0.0, []
@@ -204,6 +204,8 @@ class StageTimer:
             def hook(*_):
                 sync(device)
                 if last or name not in self.marks:
+                    if on_mark is not None:
+                        on_mark(name)
                     self.marks[name] = time.perf_counter()
                     if probe is not None:
                         self.probes[name] = probe()
@@ -247,12 +249,17 @@ class StageTimer:
     def _start(self, *_):
         sync(self.device)
         self.marks, self.probes, self.merge_s, self._merge_probe = {}, {}, 0.0, 0
+        if self.on_mark is not None:
+            self.on_mark("start")
         self.marks["start"] = time.perf_counter()
         if self.probe is not None:
             self.probes["start"] = self.probe()
 
+    # Marks in call order; stage STAGES[i] runs from MARKS[i] to MARKS[i + 1].
+    MARKS = ("start", "backbone_in", "backbone_out", "encoder_out", "location_out", "mask_out", "end")
+
     def _split(self, values, merge):
-        order = ["start", "backbone_in", "backbone_out", "encoder_out", "location_out", "mask_out", "end"]
+        order = self.MARKS
         missing = [m for m in order if m not in values]
         if missing:
             raise RuntimeError(f"stage hooks did not fire for {missing}: the model's structure changed")
@@ -347,7 +354,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--dataset", default="coco_panoptic_sample", help="registered dataset of test images")
     parser.add_argument("--num-images", type=int, default=2, help="test images (GFLOPs averaged over them)")
-    parser.add_argument("--image-size", default=None,
+    parser.add_argument("--image-size", default=None, type=bench_utils.image_size_arg,
                         help="HxW: use random images of this size instead of the dataset's (synthetic)")
     parser.add_argument("--no-flops", action="store_true", help="skip the GFLOPs count")
     parser.add_argument("--fvcore-default-handles", action="store_true",
@@ -376,12 +383,6 @@ def parse_args(argv=None):
         args.mask_layers = _list(args.mask_layers, int) if args.mask_layers else [None]
     except ValueError:
         parser.error(f"--mask-layers must be comma-separated integers, got {args.mask_layers!r}")
-    if args.image_size:
-        try:
-            args.image_size = tuple(int(v) for v in args.image_size.lower().split("x"))
-            assert len(args.image_size) == 2 and min(args.image_size) > 0
-        except (ValueError, AssertionError):
-            parser.error(f"--image-size must be HxW, e.g. 800x1333, got {args.image_size!r}")
     if args.num_images < 1:
         parser.error(f"--num-images must be >= 1, got {args.num_images}")
     return args
@@ -492,9 +493,7 @@ def main(argv=None):
         if model_k is not model:
             del model_k
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=bench_utils.json_default)
-        print(f"wrote {args.json}")
+        bench_utils.write_json(args.json, report)
     return report
 
 
