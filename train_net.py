@@ -8,13 +8,15 @@
 import itertools
 import logging
 import os
+import weakref
 
 import torch
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model,
+                               default_argument_parser, default_setup, launch)
 from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, verify_results
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
@@ -105,8 +107,80 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     return DatasetEvaluators(evaluators) if len(evaluators) > 1 else evaluators[0]
 
 
+def check_batch_norm_synchronised(model, world_size):
+    """With more than one process, refuse BatchNorm layers that keep per-process running statistics.
+
+    Plain ``BatchNorm`` under DDP normalises each process's own images and updates each process's own
+    running statistics (DDP runs with ``broadcast_buffers=False``, as in Detectron2). The end-of-training
+    evaluation then runs every process with its own statistics, while the checkpoint holds rank 0's:
+    the reported PQ is not the PQ of the saved weights. Synchronised BatchNorm (``naiveSyncBN``: all
+    processes share the batch statistics, so every process holds the same running statistics) or a
+    normalisation without running statistics (FrozenBN, GN, LayerNorm) has no such gap."""
+    if world_size <= 1:
+        return
+    from detectron2.layers import NaiveSyncBatchNorm
+
+    per_process = [name for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                   and not isinstance(m, (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm))]
+    if per_process:
+        raise ValueError(
+            f"{len(per_process)} BatchNorm layers keep per-process running statistics under {world_size} "
+            f"processes (e.g. {', '.join(per_process[:3])}): each process would evaluate with its own "
+            "statistics and the checkpoint would hold rank 0's. Set MODEL.RESNETS.NORM to \"naiveSyncBN\" "
+            "(synchronised BatchNorm that works on CPU/gloo and CUDA), \"SyncBN\" (CUDA only), "
+            "\"FrozenBN\" or \"GN\", or train with one process.")
+
+
+def build_ddp_model(model):
+    """``DistributedDataParallel`` around `model` when more than one process runs, else `model`.
+
+    As DefaultTrainer (``broadcast_buffers=False``), but with ``device_ids`` only for a CUDA model:
+    Detectron2's ``create_ddp_model`` defaults to ``device_ids=[local_rank]``, which DDP rejects for a
+    CPU model (gloo)."""
+    if comm.get_world_size() == 1:
+        return model
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return create_ddp_model(model, broadcast_buffers=False,
+                            device_ids=[comm.get_local_rank()] if on_cuda else None)
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators and optimizer."""
+    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators and optimizer, and a DDP model that
+    also runs on the CPU (gloo) with synchronised BatchNorm statistics."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ (identical in Detectron2 v0.6 and upstream main) with the model
+        # wrapped by build_ddp_model instead of create_ddp_model(model, broadcast_buffers=False).
+        super(DefaultTrainer, self).__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        check_batch_norm_synchronised(model, comm.get_world_size())
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = build_ddp_model(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # Checkpoints hold the optimizer state too, so --resume continues the optimizer (Adam moments and
+    # step counts) where it stopped. Upstream main's DefaultTrainer does this; v0.6's saves only the
+    # iteration and the LR scheduler. Checkpoints written without it still load.
+    def state_dict(self):
+        ret = super(DefaultTrainer, self).state_dict()  # TrainerBase's: iteration and hooks
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super(DefaultTrainer, self).load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_train_loader(cls, cfg):
