@@ -135,14 +135,14 @@ def check_batch_norm_synchronised(model, world_size):
 def build_ddp_model(model):
     """``DistributedDataParallel`` around `model` when more than one process runs, else `model`.
 
-    As DefaultTrainer (``broadcast_buffers=False``), but with ``device_ids`` only for a CUDA model:
-    Detectron2's ``create_ddp_model`` defaults to ``device_ids=[local_rank]``, which DDP rejects for a
-    CPU model (gloo)."""
+    As DefaultTrainer (``broadcast_buffers=False``), with ``device_ids`` the model's own CUDA device
+    (the local rank's, as Detectron2's launch sets it) and none for a CPU model: Detectron2's
+    ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which DDP rejects for a CPU model."""
     if comm.get_world_size() == 1:
         return model
-    on_cuda = next(model.parameters()).device.type == "cuda"
+    device = next(model.parameters()).device
     return create_ddp_model(model, broadcast_buffers=False,
-                            device_ids=[comm.get_local_rank()] if on_cuda else None)
+                            device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class Trainer(DefaultTrainer):

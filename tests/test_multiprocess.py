@@ -256,8 +256,15 @@ def test_only_rank_0_writes_checkpoints_and_metrics(resumed_run):
 
 
 def _predictions(output_dir, dataset="shapes_panoptic_val_tiny"):
-    with open(os.path.join(output_dir, "inference", dataset, "predictions.json")) as f:
-        return sorted(json.load(f)["annotations"], key=lambda a: a["image_id"])
+    """Per image: the panoptic segments (ids, classes, scores) and the thing masks (RLE) with scores
+    that the evaluators wrote (PQ is 0 after a few iterations; these are not)."""
+    folder = os.path.join(output_dir, "inference", dataset)
+    with open(os.path.join(folder, "predictions.json")) as f:
+        panoptic = sorted(json.load(f)["annotations"], key=lambda a: a["image_id"])
+    with open(os.path.join(folder, "coco_instances_results.json")) as f:
+        things = sorted(json.load(f), key=lambda a: a["image_id"])  # stable: keeps each image's order
+    assert sum(len(a["segments_info"]) for a in panoptic) > 0 and len(things) > 0
+    return panoptic, things
 
 
 def test_end_of_training_evaluation_equals_evaluation_of_the_saved_weights(workers, resumed_run, tmp_path):
