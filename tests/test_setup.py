@@ -8,8 +8,8 @@ import sys
 import pytest
 
 import detectron2
-from conftest import load_script
 from detectron2 import _C
+from projects.setup import install_detectron2 as installer
 
 
 def _is_placeholder():
@@ -69,7 +69,6 @@ def test_collect_env_says_which_detectron2_is_installed():
 def test_installer_checks_that_the_installed_detectron2_is_the_one_it_installed():
     """The installer's final check, on the real installed Detectron2: it passes for what is installed
     and fails for the other kind (the bug it prevents: keeping v0.6 and reporting upstream)."""
-    installer = load_script("projects/setup/install_detectron2.py")
     info = installer.installed_info()
     assert info["placeholder"] == _is_placeholder() and info["version"] == detectron2.__version__
     installer.check_installed(info, upstream=not _is_placeholder())
@@ -79,7 +78,6 @@ def test_installer_checks_that_the_installed_detectron2_is_the_one_it_installed(
 
 
 def test_installer_upstream_source_option(tmp_path):
-    installer = load_script("projects/setup/install_detectron2.py")
     url = "https://example.org/mirror/detectron2.git"
     assert installer.upstream_requirement(url, "v0.6") == f"git+{url}@v0.6"
     assert installer.upstream_requirement("git+" + url, "main") == f"git+{url}@main"
