@@ -66,7 +66,7 @@ def _worker(rank, world_size, port, log_dir, tasks, results):
 
     torch.set_num_threads(1)  # the processes share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=world_size,
-                            rank=rank, timeout=timedelta(minutes=3))
+                            rank=rank, timeout=timedelta(minutes=10))
     _create_local_process_group(world_size)
     comm.synchronize()
     parent = os.getppid()
@@ -123,7 +123,7 @@ class GlooWorkers:
         for q in self._tasks:
             q.put((fn, args))
 
-    def collect(self, timeout=300):
+    def collect(self, timeout=600):
         """``[(value, output)]`` per rank; raises if a rank failed, died or timed out."""
         got, deadline = {}, time.monotonic() + timeout
         while len(got) < self.world_size:
@@ -142,7 +142,7 @@ class GlooWorkers:
             raise RuntimeError("gloo workers failed:\n" + "\n".join(f"rank {r}:\n{tb}" for r, tb in failed.items()))
         return [(got[r][1], got[r][2]) for r in range(self.world_size)]
 
-    def run(self, fn, *args, timeout=300):
+    def run(self, fn, *args, timeout=600):
         self.submit(fn, *args)
         return self.collect(timeout)
 

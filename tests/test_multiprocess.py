@@ -24,7 +24,7 @@ from conftest import REPO_ROOT, small_cfg
 from gloo_workers import GlooWorkers
 
 SHAPES = os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")
-# The shapes config at 64-128 px (as conftest.small_cfg), with train_net's command-line overrides.
+# The shapes config at 96-128 px (as conftest.small_cfg) as train_net command-line overrides.
 TINY = ["DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "DATASETS.TEST", "('shapes_panoptic_val_tiny',)",
         "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
         "INPUT.MAX_SIZE_TEST", "128", "INPUT.RANDOM_FLIP", "none", "DATALOADER.NUM_WORKERS", "0",
@@ -199,12 +199,12 @@ def resumed_run(workers, tmp_path_factory):
     argv = ["--config-file", SHAPES] + _run_opts(out)
     pool = workers()
     pool.submit(_main, argv)
-    deadline = time.monotonic() + 300
-    while _last_checkpoint(out) is None and pool.alive() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600
+    while not _last_checkpoint(out) and pool.alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     pool.kill()
     killed_at = _last_checkpoint(out)
-    assert killed_at is not None, "no checkpoint before the kill:\n" + pool.logs()
+    assert killed_at, "no checkpoint before the kill:\n" + pool.logs()
     killed = {"checkpoint": killed_at, "final_exists": os.path.exists(out / "model_final.pth"),
               "writes": [pool.files_written(r) for r in range(2)]}
 
