@@ -4,13 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test collect-env
+.PHONY: setup test collect-env gpu-wheels
 
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) projects/setup/install_detectron2.py --timeout 20
 	$(PY) -m pip install -q --no-deps panopticapi-lite==0.2.0
+	$(PY) -m pip install -q --no-deps imagecorruptions-imaug==1.1.5
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m panoptic_segformer.collect_env
 
@@ -19,3 +20,8 @@ test:
 
 collect-env:
 	$(PY) -m panoptic_segformer.collect_env
+
+# Wheelhouse for an offline GPU machine (Python 3.12, torch/Triton preinstalled): .gpu-wheels/, which
+# projects/benchmarks/gpu_suite.sh installs there (see README, "Running everything that needs a GPU").
+gpu-wheels:
+	$(PY) -m projects.setup.gpu_wheels --output .gpu-wheels

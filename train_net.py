@@ -12,7 +12,6 @@ import weakref
 
 import torch
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model,
@@ -22,6 +21,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 from panoptic_segformer import PanopticSegFormerDatasetMapper, add_panoptic_segformer_config
+from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 from panoptic_segformer.evaluation import ThingMaskAPEvaluator
 
 _NORM_TYPES = (
@@ -146,12 +146,13 @@ def build_ddp_model(model):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators and optimizer, and a DDP model that
-    also runs on the CPU (gloo) with synchronised BatchNorm statistics."""
+    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators, optimizer and checkpointer, and a
+    DDP model that also runs on the CPU (gloo) with synchronised BatchNorm statistics."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__ (identical in Detectron2 v0.6 and upstream main) with the model
-        # wrapped by build_ddp_model instead of create_ddp_model(model, broadcast_buffers=False).
+        # wrapped by build_ddp_model instead of create_ddp_model(model, broadcast_buffers=False) and
+        # a PanopticSegFormerCheckpointer instead of a DetectionCheckpointer.
         super(DefaultTrainer, self).__init__()
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called
             setup_logger()
@@ -163,7 +164,10 @@ class Trainer(DefaultTrainer):
         model = build_ddp_model(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # PanopticSegFormerCheckpointer: MODEL.WEIGHTS with class heads of another dataset is an error
+        # unless SKIP_MISMATCHED_CLASS_HEADS.
+        self.checkpointer = PanopticSegFormerCheckpointer.from_config(
+            model, cfg, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -215,7 +219,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        PanopticSegFormerCheckpointer.from_config(model, cfg, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():

@@ -58,7 +58,7 @@ def collect_env_info():
         ("torch", f"{torch.__version__} (CUDA available: {torch.cuda.is_available()})"),
     ]
     for dist in ("torchvision", "numpy", "fvcore", "pycocotools", "panopticapi-lite", "timm",
-                 "opencv-python-headless", "Pillow", "scipy"):
+                 "opencv-python-headless", "Pillow", "scipy", "imagecorruptions-imaug", "scikit-image", "numba"):
         rows.append((dist, _version(dist)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -25,6 +25,11 @@ def add_panoptic_segformer_config(cfg):
     # match the training dataset's metadata (checked when the model is built).
     psf.NUM_THING_CLASSES = 80
     psf.NUM_STUFF_CLASSES = 53
+    # Loading MODEL.WEIGHTS whose class heads (thing classifiers) or stuff queries have another number
+    # of classes is an error naming the tensors (e.g. COCO weights with another dataset's config).
+    # True: fine-tune from another dataset: those tensors are skipped and keep their initialisation
+    # (panoptic_segformer/checkpoint.py).
+    psf.SKIP_MISMATCHED_CLASS_HEADS = False
     # Backbone features C3-C5 (strides 8/16/32), mapped to HIDDEN_DIM by the channel mapper (Sec. 3.1).
     psf.IN_FEATURES = ["res3", "res4", "res5"]
     # Feature levels of the encoder and location decoder. Levels beyond IN_FEATURES are extra
@@ -93,10 +98,13 @@ def add_panoptic_segformer_config(cfg):
     # Inference.
     psf.TEST = CN()
     # Post-processor from panoptic_segformer.postprocessing.POSTPROCESSOR_REGISTRY: "mask_wise"
-    # (Algorithm 1, Sec. 3.5), "pixel_argmax" (DETR), "pixel_argmax_prob" (MaskFormer), "heuristic".
+    # (Algorithm 1, Sec. 3.5), "pixel_argmax" (DETR), "pixel_argmax_prob" (MaskFormer), "heuristic",
+    # "official" (the official code's inference, for converted official checkpoints).
     psf.TEST.POSTPROCESSOR = "mask_wise"
-    # Mask-wise merging (Eq. 6): alpha, beta, binarisation threshold, t_cnf and t_keep, each for
-    # things and stuff (the official code uses separate values; the paper's are the defaults).
+    # Mask-wise merging (Eq. 6) and "official": alpha, beta, binarisation threshold, t_cnf and t_keep,
+    # each for things and stuff (the official code uses separate values; the paper's are the
+    # defaults; "official" reads t_cnf as its quality thresholds and t_keep as 1 - its overlap
+    # thresholds). The other post-processors use their own papers' values.
     psf.TEST.ALPHA = 1.0
     psf.TEST.BETA = 2.0
     psf.TEST.MASK_THRESHOLD = 0.5
@@ -146,6 +154,15 @@ def add_panoptic_segformer_config(cfg):
     cfg.INPUT.SIZE_DIVISIBILITY = 32
     # Images smaller than this (either side, in pixels) are rejected with an error naming the file.
     cfg.INPUT.MIN_IMAGE_SIZE = 32
+
+    # Robustness to natural corruptions (Sec. 4.4, Table 11, COCO-C): the test-time mapper corrupts each
+    # image right after reading it with imagecorruptions' NAME at SEVERITY (1-5), seeded by the image
+    # id (panoptic_segformer/data/corruptions.py). "" = clean images. Under cfg.TEST, next to
+    # Detectron2's TEST.AUG, because it changes the evaluation data, not the model: it applies to any
+    # checkpoint and never to training (MODEL.PANOPTIC_SEGFORMER.TEST holds the model's inference).
+    cfg.TEST.CORRUPTION = CN()
+    cfg.TEST.CORRUPTION.NAME = ""
+    cfg.TEST.CORRUPTION.SEVERITY = 1
     return cfg
 
 

@@ -1,9 +1,11 @@
 """Evaluation glue: mask AP of the thing results (Table 4) with Detectron2's COCOEvaluator on
-datasets that use Detectron2's "standard" panoptic metadata."""
+datasets that use Detectron2's "standard" or Mask2Former's panoptic metadata (data/metadata.py)."""
 import copy
 
 from detectron2.data.catalog import Metadata
 from detectron2.evaluation import COCOEvaluator
+
+from .data.metadata import thing_class_names
 
 __all__ = ["ThingMaskAPEvaluator"]
 
@@ -13,9 +15,9 @@ class ThingMaskAPEvaluator(COCOEvaluator):
     ids (over all categories, things possibly interleaved with stuff, e.g. ADE20K).
 
     COCOEvaluator expects thing ids 0..K_th-1 and ``thing_classes`` of length K_th; the standard
-    panoptic metadata lists all classes there. This evaluator scores in thing-index space: its
-    metadata view names only the things, and predicted classes are remapped before COCOEvaluator
-    sees them. Uses the pure-Python COCO API (``use_fast_impl=False``), which needs no C++ op.
+    panoptic metadata lists all classes there (Mask2Former's lists the things only). This evaluator
+    scores in thing-index space: its metadata view names only the things, and predicted classes are
+    remapped before COCOEvaluator sees them. Uses the pure-Python COCO API (``use_fast_impl=False``), which needs no C++ op.
     """
 
     def __init__(self, dataset_name, output_dir=None):
@@ -26,7 +28,7 @@ class ThingMaskAPEvaluator(COCOEvaluator):
         self._metadata = Metadata(
             name=meta.name,
             json_file=meta.json_file,
-            thing_classes=[meta.thing_classes[c] for _, c in things],
+            thing_classes=thing_class_names(meta, meta.name),
             thing_dataset_id_to_contiguous_id={d: i for i, (d, _) in enumerate(things)},
         )
 

@@ -19,34 +19,36 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
 
-from .modeling.criterion import PanopticSegFormerCriterion
+from .builders import (
+    build_channel_mapper,
+    build_criterion,
+    build_encoder,
+    build_location_decoder,
+    build_mask_decoder,
+    build_postprocessor_from_config,
+    build_query_selection,
+)
+from .data.metadata import panoptic_class_ids
 from .modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSine
 from .modeling.location_decoder import LocationDecoder
-from .modeling.mask_decoder import MaskDecoder
-from .modeling.official_mask_decoder import OfficialMaskDecoder
-from .modeling.matcher import HungarianMatcher, select_thing_queries
-from .postprocessing import build_postprocessor
-from .utils import masks_to_boxes
+from .modeling.query_selection import ThingQuerySelection
+from .postprocessing import mean_mask_instance_scores
+from .utils import masks_to_boxes, upsample_masks_to_image
 
 __all__ = ["PanopticSegFormer", "dataset_class_ids"]
 
 
 def dataset_class_ids(dataset_names):
     """(thing_ids, stuff_ids): sorted contiguous ids of thing and stuff classes, read from the
-    metadata of `dataset_names` (which must agree)."""
+    metadata of `dataset_names` (which must agree; :func:`.data.metadata.panoptic_class_ids`)."""
     result = None
     for name in dataset_names:
-        meta = MetadataCatalog.get(name)
-        if not hasattr(meta, "thing_dataset_id_to_contiguous_id"):
-            raise ValueError(f"dataset {name!r}: metadata has no thing_dataset_id_to_contiguous_id "
-                             "(register it as a panoptic dataset)")
-        ids = (sorted(meta.thing_dataset_id_to_contiguous_id.values()),
-               sorted(getattr(meta, "stuff_dataset_id_to_contiguous_id", {}).values()))
+        # Standard or Mask2Former metadata: stuff = the categories that are not things.
+        ids = panoptic_class_ids(MetadataCatalog.get(name), name)
         if result is not None and ids != result:
             raise ValueError(f"datasets {list(dataset_names)} have different class sets")
         result = ids
@@ -71,19 +73,14 @@ class PanopticSegFormer(nn.Module):
         position_encoding: nn.Module,
         encoder: DeformableTransformerEncoder,
         location_decoder: LocationDecoder,
-        mask_decoder: MaskDecoder,
+        mask_decoder: nn.Module,
         stuff_query_embed: nn.Embedding,
+        query_selection: ThingQuerySelection,
         criterion: nn.Module,
         postprocessor,
         thing_ids: List[int],
         stuff_ids: List[int],
-        query_decoupling: bool,
-        query_filter: bool,
-        query_filter_rounds: int,
-        query_filter_num: int,
         test_mask_decoder_layers: int,
-        test_num_thing_queries: int,
-        thing_class_source: str,
         mask_threshold: float,
         panoptic_on: bool,
         instance_on: bool,
@@ -92,6 +89,7 @@ class PanopticSegFormer(nn.Module):
         pixel_mean,
         pixel_std,
         size_divisibility: int,
+        mask_stride: int = 8,
     ):
         super().__init__()
         self.backbone = backbone
@@ -102,24 +100,22 @@ class PanopticSegFormer(nn.Module):
         self.location_decoder = location_decoder
         self.mask_decoder = mask_decoder
         self.stuff_query_embed = stuff_query_embed
+        self.query_selection = query_selection
         self.criterion = criterion
         self.postprocessor = postprocessor
         self.thing_ids = list(thing_ids)
         self.stuff_ids = list(stuff_ids)
         self.num_classes = len(self.thing_ids) + len(self.stuff_ids)
-        self.query_decoupling = query_decoupling
-        self.query_filter = query_filter
-        self.query_filter_rounds = query_filter_rounds
-        self.query_filter_num = query_filter_num
+        self.query_decoupling = stuff_query_embed is not None
         self.test_mask_decoder_layers = test_mask_decoder_layers
-        self.test_num_thing_queries = test_num_thing_queries
-        self.thing_class_source = thing_class_source
         self.mask_threshold = mask_threshold
         self.panoptic_on = panoptic_on
         self.instance_on = instance_on
         self.semantic_on = semantic_on
         self.detections_per_image = detections_per_image
         self.size_divisibility = size_divisibility
+        # Stride of the masks: the first (finest) backbone level of the encoder, 1/8 (Sec. 3.1).
+        self.mask_stride = mask_stride
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # Contiguous id -> classifier index (decoupled: thing FC index / stuff query index).
@@ -128,123 +124,47 @@ class PanopticSegFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        psf = cfg.MODEL.PANOPTIC_SEGFORMER
+        psf, t = cfg.MODEL.PANOPTIC_SEGFORMER, cfg.MODEL.PANOPTIC_SEGFORMER.TEST
         names = cfg.DATASETS.TRAIN or cfg.DATASETS.TEST
         thing_ids, stuff_ids = dataset_class_ids(names)
         if (len(thing_ids), len(stuff_ids)) != (psf.NUM_THING_CLASSES, psf.NUM_STUFF_CLASSES):
             raise ValueError(
                 f"MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES/NUM_STUFF_CLASSES = "
                 f"{psf.NUM_THING_CLASSES}/{psf.NUM_STUFF_CLASSES}, but dataset {names[0]!r} has "
-                f"{len(thing_ids)} thing and {len(stuff_ids)} stuff classes"
-            )
-        backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
-        for f in psf.IN_FEATURES:
-            if f not in shapes:
-                raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.IN_FEATURES: backbone has no output {f!r} "
-                                 f"(it has {sorted(shapes)})")
-        d = psf.HIDDEN_DIM
-        n_levels = psf.NUM_FEATURE_LEVELS
-        if n_levels < len(psf.IN_FEATURES):
-            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.NUM_FEATURE_LEVELS ({n_levels}) must be >= the "
-                             f"number of IN_FEATURES {list(psf.IN_FEATURES)}")
-        # Channel mapper (Sec. 3.1): 1x1 conv to d channels + GroupNorm, as Deformable DETR's input_proj;
-        # extra levels: 3x3 stride-2 conv + GroupNorm, the first on the last backbone feature.
-        channel_mapper = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(shapes[f].channels, d, kernel_size=1), nn.GroupNorm(32, d))
-            for f in psf.IN_FEATURES
-        )
-        for i in range(len(psf.IN_FEATURES), n_levels):
-            c_in = shapes[psf.IN_FEATURES[-1]].channels if i == len(psf.IN_FEATURES) else d
-            channel_mapper.append(nn.Sequential(
-                nn.Conv2d(c_in, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
-        for proj in channel_mapper:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.constant_(proj[0].bias, 0)
-        decoupled = psf.QUERY_DECOUPLING
-        num_stuff = len(stuff_ids)
-        # Joint matching (Table 8): one query set of N_th + N_st queries classified over all classes.
-        num_loc_classes = len(thing_ids) if decoupled else len(thing_ids) + num_stuff
-        num_loc_queries = psf.NUM_THING_QUERIES if decoupled else psf.NUM_THING_QUERIES + num_stuff
-        encoder = DeformableTransformerEncoder(
-            d_model=d, num_layers=psf.ENC_LAYERS, n_heads=psf.NHEADS, n_levels=n_levels,
-            n_points=psf.ENC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT, msda_impl=psf.MSDA_IMPL)
-        location_decoder = LocationDecoder(
-            num_loc_classes, d_model=d, num_layers=psf.LOCATION_DECODER_LAYERS,
-            num_queries=num_loc_queries, n_heads=psf.NHEADS, n_levels=n_levels,
-            n_points=psf.DEC_N_POINTS, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
-            box_free=psf.BOX_FREE, msda_impl=psf.MSDA_IMPL)
-        mask_levels = len(psf.IN_FEATURES)  # the mask decoder attends to the backbone levels only
-        if psf.MASK_DECODER_TYPE == "paper":
-            mask_decoder = MaskDecoder(
-                num_loc_classes, d_model=d, num_layers=psf.MASK_DECODER_LAYERS, n_heads=psf.NHEADS,
-                n_levels=mask_levels, d_ffn=psf.DIM_FEEDFORWARD, dropout=psf.DROPOUT,
-                self_attn=psf.MASK_DECODER_SELF_ATTN)
-        elif psf.MASK_DECODER_TYPE == "official":
-            if not decoupled:
-                raise ValueError("MASK_DECODER_TYPE 'official' needs MODEL.PANOPTIC_SEGFORMER."
-                                 "QUERY_DECOUPLING True (separate thing and stuff decoders)")
-            if psf.TEST.NUM_MASK_DECODER_LAYERS:
-                raise ValueError("MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS must be 0 with "
-                                 "MASK_DECODER_TYPE 'official' (its masks come from the final tail layer)")
-            mask_decoder = OfficialMaskDecoder(
-                num_loc_classes, d_model=d, n_heads=psf.NHEADS, d_ffn=psf.DIM_FEEDFORWARD,
-                num_thing_layers=psf.MASK_DECODER_LAYERS,
-                num_stuff_layers=psf.STUFF_MASK_DECODER_LAYERS,
-                thing_self_attn=psf.MASK_DECODER_SELF_ATTN,
-                stuff_self_attn=psf.STUFF_MASK_DECODER_SELF_ATTN, n_levels=mask_levels)
-        else:
-            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE must be 'paper' or 'official', "
-                             f"got {psf.MASK_DECODER_TYPE!r}")
-        matcher = HungarianMatcher(
-            cost_class=psf.MATCHER.COST_CLASS, cost_bbox=psf.MATCHER.COST_BBOX,
-            cost_giou=psf.MATCHER.COST_GIOU, cost_mask=psf.MATCHER.COST_MASK,
-            focal_alpha=psf.FOCAL_ALPHA, focal_gamma=psf.FOCAL_GAMMA, box_free=psf.BOX_FREE)
-        criterion = PanopticSegFormerCriterion(
-            num_loc_classes, num_stuff if decoupled else 0, matcher,
-            loss_weight_cls=psf.CLASS_WEIGHT, loss_weight_seg=psf.MASK_WEIGHT,
-            loss_weight_det=psf.DET_WEIGHT, det_weight_class=psf.DET_CLASS_WEIGHT,
-            det_weight_bbox=psf.DET_BBOX_WEIGHT, det_weight_giou=psf.DET_GIOU_WEIGHT,
-            focal_alpha=psf.FOCAL_ALPHA, focal_gamma=psf.FOCAL_GAMMA,
-            deep_supervision=psf.DEEP_SUPERVISION, box_free=psf.BOX_FREE,
-            dynamic_things_stuff_weight=psf.DYNAMIC_THINGS_STUFF_WEIGHT)
-        t = psf.TEST
-        postprocessor = build_postprocessor(
-            t.POSTPROCESSOR,
-            **({"alpha": t.ALPHA, "beta": t.BETA, "mask_threshold": t.MASK_THRESHOLD,
-                "conf_threshold": (t.CONF_THRESHOLD_THING, t.CONF_THRESHOLD_STUFF),
-                "keep_threshold": (t.KEEP_THRESHOLD_THING, t.KEEP_THRESHOLD_STUFF)}
-               if t.POSTPROCESSOR == "mask_wise" else {}))
-        if t.THING_CLASS_SOURCE not in ("mask_decoder", "location_decoder"):
-            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE must be 'mask_decoder' or "
-                             f"'location_decoder', got {t.THING_CLASS_SOURCE!r}")
-        if t.THING_CLASS_SOURCE == "location_decoder" and (psf.LOCATION_DECODER_LAYERS == 0 or not decoupled):
-            raise ValueError("MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE 'location_decoder' needs "
-                             "LOCATION_DECODER_LAYERS > 0 and QUERY_DECOUPLING True")
+                f"{len(thing_ids)} thing and {len(stuff_ids)} stuff classes")
         if not 0 <= t.NUM_MASK_DECODER_LAYERS <= psf.MASK_DECODER_LAYERS:
             raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.TEST.NUM_MASK_DECODER_LAYERS must be in "
                              f"[0, {psf.MASK_DECODER_LAYERS}], got {t.NUM_MASK_DECODER_LAYERS}")
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        channel_mapper = build_channel_mapper(cfg, shapes)
+        # Query decoupling (Sec. 3.3.1); joint matching (Table 8): one set of N_th + N_st queries
+        # classified over all classes by the location and mask decoders.
+        decoupled, num_stuff = psf.QUERY_DECOUPLING, len(stuff_ids)
+        num_classes = len(thing_ids) if decoupled else len(thing_ids) + num_stuff
+        encoder = build_encoder(cfg)
+        location_decoder = build_location_decoder(
+            cfg, num_classes, psf.NUM_THING_QUERIES if decoupled else psf.NUM_THING_QUERIES + num_stuff)
+        # The mask decoder attends to the backbone levels only (extra levels feed the encoder and the
+        # location decoder, as in the official code).
+        mask_decoder = build_mask_decoder(cfg, num_classes, len(psf.IN_FEATURES))
+        criterion = build_criterion(cfg, num_classes, num_stuff if decoupled else 0)
         return {
             "backbone": backbone,
             "in_features": list(psf.IN_FEATURES),
             "channel_mapper": channel_mapper,
             "position_encoding": PositionEmbeddingSine(
-                d // 2, normalize=True, offset=psf.POSITION_ENCODING_OFFSET),
+                psf.HIDDEN_DIM // 2, normalize=True, offset=psf.POSITION_ENCODING_OFFSET),
             "encoder": encoder,
             "location_decoder": location_decoder,
             "mask_decoder": mask_decoder,
-            "stuff_query_embed": nn.Embedding(num_stuff, 2 * d) if decoupled else None,
             "criterion": criterion,
-            "postprocessor": postprocessor,
+            "query_selection": build_query_selection(cfg, criterion.matcher),
+            "postprocessor": build_postprocessor_from_config(cfg),
+            "stuff_query_embed": nn.Embedding(num_stuff, 2 * psf.HIDDEN_DIM) if decoupled else None,
             "thing_ids": thing_ids,
             "stuff_ids": stuff_ids,
-            "query_decoupling": decoupled,
-            "query_filter": psf.QUERY_FILTER.ENABLED and psf.LOCATION_DECODER_LAYERS > 0,
-            "query_filter_rounds": psf.QUERY_FILTER.NUM_ROUNDS,
-            "query_filter_num": psf.QUERY_FILTER.NUM_QUERIES,
             "test_mask_decoder_layers": t.NUM_MASK_DECODER_LAYERS or mask_decoder.num_layers,
-            "test_num_thing_queries": t.NUM_THING_QUERIES,
-            "thing_class_source": t.THING_CLASS_SOURCE,
             "mask_threshold": t.MASK_THRESHOLD,
             "panoptic_on": t.PANOPTIC_ON,
             "instance_on": t.INSTANCE_ON,
@@ -253,6 +173,7 @@ class PanopticSegFormer(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "mask_stride": shapes[psf.IN_FEATURES[0]].stride,
         }
 
     @property
@@ -261,8 +182,29 @@ class PanopticSegFormer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def preprocess_image(self, batched_inputs) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        """Normalised, padded batch of the inputs' "image" tensors, each checked first by
+        :meth:`check_input_image`."""
+        images = [(self.check_input_image(x.get("image"), i).to(self.device) - self.pixel_mean)
+                  / self.pixel_std for i, x in enumerate(batched_inputs)]
         return ImageList.from_tensors(images, self.size_divisibility)
+
+    def check_input_image(self, image, index: int = 0) -> torch.Tensor:
+        """Return input `index`'s "image" after checking it is a (C, H, W) tensor with C = the
+        channels of MODEL.PIXEL_MEAN, H, W >= 1 and finite values; ValueError naming the input, its
+        shape and the expected layout otherwise (instead of a broadcast error or NaN scores later).
+        Integer images cannot hold NaN/inf; float ones are checked on the device they come on (the
+        CPU for the dataset mapper and DefaultPredictor)."""
+        channels = self.pixel_mean.shape[0]
+        expected = (f"expected a (C, H, W) tensor with C = {channels} channels in INPUT.FORMAT order and "
+                    "H, W >= 1 (an (H, W, C) array must be transposed to channels-first)")
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"input {index}: 'image' is {type(image).__name__}: {expected}")
+        if image.dim() != 3 or image.shape[0] != channels or min(image.shape[1:]) < 1:
+            raise ValueError(f"input {index}: 'image' has shape {tuple(image.shape)}: {expected}")
+        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+            raise ValueError(f"input {index}: 'image' of shape {tuple(image.shape)} has non-finite values "
+                             "(NaN or inf): inputs must be finite pixel values")
+        return image
 
     def _multi_scale_inputs(self, images: ImageList):
         """Backbone + channel mapper + padding masks + positional encodings for each level."""
@@ -289,64 +231,35 @@ class PanopticSegFormer(nn.Module):
         """Run the network. Returns a dict with "location" (pred_logits / pred_boxes per location
         layer), "thing_query_index" (N, Q_th), "mask" (per mask-decoder layer: thing_logits,
         stuff_logits, pred_masks[, attention]) -- the inputs of the criterion -- and "levels", the
-        LevelLayout of the tokens the mask decoder attended to (to split attention maps, Eq. 1)."""
+        LevelLayout of the tokens the mask decoder attended to (to split attention maps, Eq. 1). When thing
+        classes come from the location decoder (TEST.THING_CLASS_SOURCE), also "thing_boxes"
+        (N, Q_th, 4): the boxes of those (query, class) pairs, normalized (cx, cy, w, h)."""
         srcs, masks, pos = self._multi_scale_inputs(images)
         enc = self.encoder(srcs, masks, pos)
         loc = self.location_decoder(enc.memory, enc.levels)
-        queries, query_pos = loc["queries"], loc["query_pos"]
-        n, q_all = queries.shape[:2]
-        index = thing_pairs = None
-        if self.query_decoupling and not self.training and self.thing_class_source == "location_decoder":
-            # Official inference: the top (query, class) pairs of the last location-decoder layer; a query
-            # may appear once per class. Their thing classes and scores replace the mask decoder's.
-            logits = loc["pred_logits"][-1]  # (N, Q, K_th)
-            k = min(self.detections_per_image, logits.shape[1] * logits.shape[2])
-            top = logits.flatten(1).topk(k, dim=1)
-            index = torch.div(top.indices, logits.shape[2], rounding_mode="floor")
-            thing_pairs = (top.indices % logits.shape[2], top.values)
-        elif self.query_decoupling:
-            if self.training and self.query_filter and targets is not None:
-                # Query filtering (Appendix B.2): multi-round matching on the location decoder.
-                index = select_thing_queries(
-                    loc["pred_logits"][-1], loc["pred_boxes"][-1], targets,
-                    self.query_filter_rounds, min(self.query_filter_num, q_all),
-                    matcher=self.criterion.matcher)
-            elif not self.training and 0 < self.test_num_thing_queries < q_all and loc["pred_logits"]:
-                scores = loc["pred_logits"][-1].sigmoid().amax(-1)
-                index = scores.topk(self.test_num_thing_queries, dim=1).indices.sort(dim=1).values
-        if index is None:
-            index = torch.arange(q_all, device=queries.device).expand(n, q_all)
-        else:
-            gather = index[..., None].expand(-1, -1, queries.shape[-1])
-            queries, query_pos = queries.gather(1, gather), query_pos.gather(1, gather)
-        num_thing_queries = queries.shape[1]
-        if self.stuff_query_embed is not None:
-            stuff_pos, stuff_tgt = self.stuff_query_embed.weight.split(queries.shape[-1], dim=1)
-            queries = torch.cat([queries, stuff_tgt[None].expand(n, -1, -1)], dim=1)
-            query_pos = torch.cat([query_pos, stuff_pos[None].expand(n, -1, -1)], dim=1)
-        # The mask decoder attends to the backbone levels only (extra levels feed the encoder and the
-        # location decoder, as in the official code).
+        things = self.query_selection(loc, self.training, targets)
+        queries, query_pos = self.with_stuff_queries(things.queries, things.query_pos)
         levels = enc.levels.first(len(self.in_features))
-        s_k = levels.num_tokens
-        layers = self.mask_decoder(
-            queries, query_pos, num_thing_queries, enc.memory[:, :s_k], enc.pos[:, :s_k], levels,
-            num_layers=num_mask_layers, return_attention=return_attention)
-        # Mask logits over padding (1/8 of the padded batch) are pinned to "background", so the mask
-        # losses and the post-processors never see values the attention maps copied into padding.
-        pad = masks[0][:, None]
-        background = -1e4 if self.mask_decoder.mask_activation == "sigmoid" else 0.0
-        for layer in layers:
-            layer["pred_masks"] = layer["pred_masks"].masked_fill(pad, background)
-            if thing_pairs is not None:
-                labels, values = thing_pairs
-                thing_logits = torch.full_like(layer["thing_logits"], float("-inf"))
-                layer["thing_logits"] = thing_logits.scatter(2, labels[..., None], values[..., None])
-        return {
-            "location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
-            "thing_query_index": index,
-            "mask": layers,
-            "levels": levels,
-        }
+        s = levels.num_tokens
+        layers = self.mask_decoder(queries, query_pos, things.queries.shape[1], enc.memory[:, :s], enc.pos[:, :s],
+                                   levels, num_layers=num_mask_layers, return_attention=return_attention,
+                                   masks_of="all" if self.training else "last")
+        self.query_selection.use_pair_classes(layers, things)
+        outputs = {"location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
+                   "thing_query_index": things.index, "mask": layers, "levels": levels}
+        if things.pair_classes is not None and loc["pred_boxes"][-1].shape[-1] == 4:
+            outputs["thing_boxes"] = loc["pred_boxes"][-1].gather(1, things.index[..., None].expand(-1, -1, 4))
+        return outputs
+
+    def with_stuff_queries(self, queries, query_pos):
+        """Append the class-fixed stuff queries (one per stuff class, Sec. 3.3.1) to the thing queries
+        (N, Q_th, C); their embedding holds (query_pos, query) halves."""
+        if self.stuff_query_embed is None:
+            return queries, query_pos
+        n = queries.shape[0]
+        stuff_pos, stuff_tgt = self.stuff_query_embed.weight.split(queries.shape[-1], dim=1)
+        return (torch.cat([queries, stuff_tgt[None].expand(n, -1, -1)], dim=1),
+                torch.cat([query_pos, stuff_pos[None].expand(n, -1, -1)], dim=1))
 
     def prepare_targets(self, batched_inputs, images: ImageList):
         """Criterion targets from the mapper's "instances" (things) and "stuff" (per class)."""
@@ -393,10 +306,8 @@ class PanopticSegFormer(nn.Module):
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        if self.training and self.mask_decoder.mask_activation != "sigmoid":
-            raise RuntimeError("MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE 'official' runs converted "
-                               "official checkpoints at inference only; train with 'paper'")
         if self.training:
+            self.mask_decoder.check_trainable()
             for x in batched_inputs:
                 if "instances" not in x or "stuff" not in x:
                     raise ValueError("training inputs need 'instances' and 'stuff' "
@@ -431,58 +342,128 @@ class PanopticSegFormer(nn.Module):
     def inference(self, outputs, batched_inputs, images: ImageList, postprocessor=None):
         """Detectron2 outputs from `forward_outputs`' last mask-decoder layer. `postprocessor`
         (common signature of :mod:`panoptic_segformer.postprocessing`) replaces the configured one,
-        e.g. to compare post-processors on one forward pass (Table 7)."""
+        e.g. to compare post-processors on one forward pass (Table 7).
+
+        The post-processor's optional members (:mod:`panoptic_segformer.postprocessing.common`) say how
+        the 1/8 masks reach the output size (``masks_to_image``), whether they are clamped to [0, 1]
+        (``max_mask_value``), which queries it reads (``read_queries``), whether it reads the mask
+        logits (``reads_mask_logits``) and how the thing results of "instances" are scored
+        (``instance_scores``). Only the masks an output needs are brought to full resolution, in one
+        pass over query chunks shared by the three outputs (:meth:`full_resolution_outputs`).
+        """
         postprocessor = postprocessor or self.postprocessor
         last = outputs["mask"][-1]
-        hp, wp = images.tensor.shape[-2:]
         results = []
         for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
-            dist, class_probs, labels, is_thing, mask_logits = self.per_query_predictions(last, i)
-            mask_logits = self.masks_to_image(mask_logits, image_size, (hp, wp), (height, width))
-            mask_probs = self.mask_decoder.mask_probabilities(mask_logits)
-            if self.mask_decoder.mask_activation != "sigmoid":
-                mask_logits = None  # the official masks are probabilities, there are no logits
-            result = {}
-            if self.panoptic_on:
-                result["panoptic_seg"] = postprocessor(
-                    mask_probs, class_probs, labels, is_thing, mask_logits=mask_logits,
-                    class_distribution=dist)
-            if self.instance_on:
-                result["instances"] = self.instance_inference(
-                    mask_probs, class_probs, labels, is_thing, (height, width))
-            if self.semantic_on:
-                result["sem_seg"] = torch.einsum("qc,qhw->chw", dist, mask_probs)
-            results.append(result)
+            output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
+            dist, class_probs, labels, is_thing, maps = self.per_query_predictions(last, i)
+            boxes = None
+            if self.instance_on and "thing_boxes" in outputs:
+                boxes = self.thing_boxes_to_image(outputs["thing_boxes"][i], image_size, output_size)
+            results.append(self.full_resolution_outputs(
+                postprocessor, maps, dist, class_probs, labels, is_thing, image_size, output_size, boxes))
         return results
 
-    @staticmethod
-    def masks_to_image(mask_logits, image_size, padded_size, output_size):
-        """Mask logits (Q, h, w) at 1/8 of the padded batch -> (Q, H_out, W_out) at the output size.
+    def full_resolution_outputs(self, postprocessor, maps, dist, class_probs, labels, is_thing, image_size,
+                                output_size, thing_boxes=None, chunk_elements: int = 1 << 25) -> Dict:
+        """One image's "panoptic_seg", "instances" and "sem_seg" (as enabled) from its per-query
+        predictions: class distribution (Q, K), class_probs / labels / is_thing (Q,), maps (Q, h, w) at 1/8.
 
-        Only the cells covering this image are upsampled (the 1/8 grid is aligned with the padded
-        input's top-left corner), so neither padding nor a larger batch partner leaks into the
-        image's border; then Detectron2's `sem_seg_postprocess` crops and resizes.
+        Queries are brought to ``output_size`` in chunks of about ``chunk_elements`` values, and only the
+        ones some output reads: the post-processor's ``read_queries`` (panoptic), the thing queries
+        (instances: a running top-``detections_per_image``), every query (sem_seg, accumulated). Memory
+        is the outputs plus the masks the post-processor reads plus one chunk.
         """
-        (h1, w1), (hp, wp) = mask_logits.shape[-2:], padded_size
-        sh, sw = hp // h1, wp // w1
-        vh, vw = -(-image_size[0] // sh), -(-image_size[1] // sw)
-        logits = F.interpolate(mask_logits[None, :, :vh, :vw], size=(vh * sh, vw * sw),
-                               mode="bilinear", align_corners=False)[0]
-        return sem_seg_postprocess(logits, image_size, *output_size)
+        to_image = getattr(postprocessor, "masks_to_image", upsample_masks_to_image)
+        max_mask_value = getattr(postprocessor, "max_mask_value", 1.0)
+        read = torch.zeros_like(is_thing)
+        if self.panoptic_on:
+            read_queries = getattr(postprocessor, "read_queries", None)
+            read = read_queries(class_probs, labels, is_thing) if read_queries else torch.ones_like(is_thing)
+        needed = read | is_thing if self.instance_on else read.clone()
+        if self.semantic_on:
+            needed[:] = True
+        index = needed.nonzero().squeeze(1)
+        height, width = output_size
+        chunk = max(1, chunk_elements // max(1, height * width))
+        keep_logits = getattr(postprocessor, "reads_mask_logits", True)
+        read_maps, read_logits = [], []
+        sem = dist.new_zeros((dist.shape[1], height, width)) if self.semantic_on else None
+        top = _RunningTopK(self.detections_per_image, getattr(postprocessor, "instance_scores",
+                                                                 mean_mask_instance_scores), self.mask_threshold)
+        for rows in index.split(chunk) if index.numel() else ():
+            up = to_image(maps[rows], image_size, self.mask_stride, output_size)
+            probs = self.mask_decoder.mask_probabilities(up, max_value=max_mask_value)
+            r = read[rows]
+            read_maps.append(probs[r])
+            if keep_logits:
+                read_logits.append(up[r])
+            if sem is not None:
+                sem += torch.einsum("qc,qhw->chw", dist[rows], probs)
+            if self.instance_on:
+                t = is_thing[rows]
+                top.update(rows[t], probs[t], class_probs[rows[t]])
+        result = {}
+        if self.panoptic_on:
+            r = read.nonzero().squeeze(1)
+            mask_probs = torch.cat(read_maps) if read_maps else maps.new_zeros((0, height, width))
+            logits = self.mask_decoder.mask_logits(torch.cat(read_logits)) if read_logits else None
+            result["panoptic_seg"] = postprocessor(mask_probs, class_probs[r], labels[r], is_thing[r],
+                                                   mask_logits=logits, class_distribution=dist[r])
+        if self.instance_on:
+            result["instances"] = top.instances(output_size, class_probs, labels, thing_boxes)
+        if sem is not None:
+            result["sem_seg"] = sem
+        return result
 
-    def instance_inference(self, mask_probs, class_probs, labels, is_thing, image_size):
-        """Top-`detections_per_image` thing results (stuff dropped, Table 4); score = class
-        probability x mean mask probability inside the binary mask."""
-        keep = is_thing.nonzero().squeeze(1)
-        binary = mask_probs[keep] > self.mask_threshold
-        area = binary.flatten(1).sum(1)
-        mask_score = (mask_probs[keep] * binary).flatten(1).sum(1) / area.clamp(min=1)
-        scores = class_probs[keep] * mask_score
-        top = scores.topk(min(self.detections_per_image, scores.numel())).indices
+    @staticmethod
+    def thing_boxes_to_image(boxes, image_size, output_size) -> Boxes:
+        """Normalized (cx, cy, w, h) boxes (Q_th, 4) of the location decoder, relative to the
+        unpadded image of `image_size`, -> XYXY boxes in `output_size` pixels, clipped (the official
+        ``_get_bboxes_single``: scale to the input image, clamp, rescale to the original size)."""
+        h, w = image_size
+        boxes = Boxes(box_convert(boxes, "cxcywh", "xyxy") * boxes.new_tensor([w, h, w, h]))
+        boxes.clip((h, w))
+        boxes.scale(output_size[1] / w, output_size[0] / h)
+        return boxes
+
+
+class _RunningTopK:
+    """The top-``k`` thing results of one image over chunks of thing queries (Table 4: stuff dropped).
+
+    Each result is a binary mask ``mask_probs > mask_threshold`` scored by ``instance_scores(mask_probs,
+    class_probs, binary)`` (default: class probability x mean mask probability inside the binary mask);
+    results are ranked by descending score, ties by query index. Only the current top-``k`` binary masks
+    are kept between chunks (chunks must come in increasing query order).
+    """
+
+    def __init__(self, k: int, instance_scores, mask_threshold: float):
+        self.k, self.instance_scores, self.mask_threshold = k, instance_scores, mask_threshold
+        self.index = self.scores = self.masks = None
+
+    def update(self, index, mask_probs, class_probs):
+        """index (M,) query indices (increasing), mask_probs (M, H, W), class_probs (M,)."""
+        binary = mask_probs > self.mask_threshold
+        scores = self.instance_scores(mask_probs, class_probs, binary)
+        if self.index is not None:  # the kept ones first: equal scores keep the lower query index first
+            index, scores = torch.cat([self.index, index]), torch.cat([self.scores, scores.to(self.scores.dtype)])
+            binary = torch.cat([self.masks, binary])
+        order = torch.sort(scores, descending=True, stable=True).indices[: self.k]
+        self.index, self.scores, self.masks = index[order], scores[order], binary[order]
+
+    def instances(self, image_size, class_probs, labels, thing_boxes=None) -> Instances:
+        """Detectron2 Instances; boxes from ``thing_boxes`` (Boxes of the Q_th thing queries, which come
+        first) when given, else the binary masks' tight boxes."""
         instances = Instances(image_size)
-        instances.pred_masks = binary[top]
-        instances.pred_boxes = Boxes(masks_to_boxes(binary[top]))
-        instances.scores = scores[top]
-        instances.pred_classes = labels[keep][top]
+        if self.index is None:
+            self.index = labels.new_zeros((0,))
+            self.scores = class_probs.new_zeros((0,))
+            self.masks = torch.zeros((0,) + tuple(image_size), dtype=torch.bool, device=labels.device)
+        instances.pred_masks = self.masks
+        if thing_boxes is not None:
+            instances.pred_boxes = Boxes(thing_boxes.tensor[self.index])
+        else:
+            instances.pred_boxes = Boxes(masks_to_boxes(self.masks))
+        instances.scores = self.scores.to(class_probs.dtype)
+        instances.pred_classes = labels[self.index]
         return instances

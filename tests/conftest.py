@@ -10,13 +10,34 @@ os.environ.setdefault("PANOPTIC_SEGFORMER_CACHE", tempfile.mkdtemp(prefix="psf-t
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU; skipped without one (and in Triton's interpreter). On a GPU "
+        "machine `pytest -m cuda tests` runs them all (projects/benchmarks/gpu_suite.sh does).")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        reason = "TRITON_INTERPRET=1: Triton kernels would run in the interpreter"
+    elif not torch.cuda.is_available():
+        reason = "needs a CUDA GPU"
+    else:
+        return
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def coco_sample_root():
     from panoptic_segformer.data.datasets import coco_sample_root
 
     root = coco_sample_root()
     if not os.path.isdir(root):
-        pytest.fail(f"COCO panoptic sample not found at {root} (set PANOPTIC_SEGFORMER_COCO_SAMPLE)")
+        pytest.fail(f"COCO panoptic sample not found at {root} (it ships in panoptic_segformer/data/"
+                    "coco_panoptic_sample; $PANOPTIC_SEGFORMER_COCO_SAMPLE, if set, must be the sample folder itself)")
     return root
 
 import sys

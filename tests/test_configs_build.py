@@ -87,7 +87,8 @@ def test_config_builds_and_runs_one_forward(path):
     assert model.location_decoder.num_layers == psf.LOCATION_DECODER_LAYERS
     assert model.criterion.deep_supervision == psf.DEEP_SUPERVISION
     assert model.location_decoder.box_free == model.criterion.box_free == psf.BOX_FREE
-    assert model.query_filter == (psf.QUERY_FILTER.ENABLED and psf.LOCATION_DECODER_LAYERS > 0)
+    assert bool(model.query_selection.filter_queries) == (psf.QUERY_DECOUPLING and psf.QUERY_FILTER.ENABLED
+                                                         and psf.LOCATION_DECODER_LAYERS > 0)
 
     # A 64 x 96 random image, evaluated at 48 x 72 output size (Detectron2 rescales to height/width).
     image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)

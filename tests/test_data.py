@@ -8,12 +8,12 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from PIL import Image
 
 from panoptic_segformer import PanopticSegFormerDatasetMapper, add_panoptic_segformer_config
 from panoptic_segformer.data import DatasetError, read_image_rgb
 from panoptic_segformer.data.datasets import register_panoptic_dataset
-from panoptic_segformer.data.datasets.builtin import coco_standard_metadata
 
 
 def _identity_mapper(dataset_name="coco_panoptic_sample"):
@@ -124,9 +124,9 @@ def sample_copy(tmp_path, coco_sample_root):
 
 
 def _register(root, name="bad_sample"):
-    register_panoptic_dataset(name, coco_standard_metadata(), str(root / "images"), str(root / "panoptic"),
-                              str(root / "panoptic_sample.json"), env_hint="DETECTRON2_DATASETS")
-    return name
+    # categories given, so that registering needs no JSON (some tests remove it)
+    return register_panoptic_dataset(name, str(root / "images"), str(root / "panoptic"),
+                                     str(root / "panoptic_sample.json"), categories=COCO_CATEGORIES)
 
 
 def _edit_json(root, fn):
@@ -136,9 +136,9 @@ def _edit_json(root, fn):
     path.write_text(json.dumps(data))
 
 
-def test_missing_dataset_folder_names_path_and_variable(tmp_path):
+def test_missing_dataset_folder_names_path(tmp_path):
     name = _register(tmp_path / "nowhere")
-    with pytest.raises(DatasetError, match=r"nowhere.*does not exist.*\$DETECTRON2_DATASETS"):
+    with pytest.raises(DatasetError, match=r"nowhere/images: image folder does not exist"):
         DatasetCatalog.get(name)
 
 
@@ -251,9 +251,11 @@ def test_mask_ap_with_things_interleaved_among_stuff_ids(coco_sample_root, tmp_p
     thing_ids = sorted(meta["thing_dataset_id_to_contiguous_id"].values())
     assert thing_ids != list(range(len(thing_ids)))
     register_panoptic_dataset(
-        "sample_interleaved", meta, os.path.join(coco_sample_root, "images"),
+        "sample_interleaved", os.path.join(coco_sample_root, "images"),
         os.path.join(coco_sample_root, "panoptic"), os.path.join(coco_sample_root, "panoptic_sample.json"),
-        instances_json=str(tmp_path / "inst.json"), derive_instances_json=True)
+        categories=categories, instances_json=str(tmp_path / "inst.json"), derive_instances_json=True)
+    assert MetadataCatalog.get("sample_interleaved").thing_dataset_id_to_contiguous_id == \
+        meta["thing_dataset_id_to_contiguous_id"]
     assert _gt_mask_ap("sample_interleaved", tmp_path) == pytest.approx(100.0)
 
 

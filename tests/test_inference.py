@@ -27,6 +27,7 @@ from scipy import ndimage
 from conftest import REPO_ROOT, small_cfg
 from panoptic_segformer.data.dataset_mapper import read_image_rgb, read_panoptic_png
 from panoptic_segformer.postprocessing import (
+    OfficialMerging,
     build_postprocessor,
     mask_confidence_scores,
     registered_postprocessors,
@@ -369,13 +370,20 @@ def test_one_forward_pass_per_postprocessor_matches_the_models_own_inference(coc
     for n in names:
         assert len(timed[n].times_ms) == 1
         assert results[n][0]["panoptic_seg"][0].shape == (100, 90)
+    # The wrapper forwards the post-processor's members: "official" keeps its own resize and masks.
+    assert timed["official"].masks_to_image is OfficialMerging.masks_to_image
+    plain = compare.predict_with_postprocessors(model, inputs, {"official": OfficialMerging()})["official"][0]
+    assert torch.equal(plain["panoptic_seg"][0], results["official"][0]["panoptic_seg"][0])
+    assert torch.equal(plain["instances"].scores, results["official"][0]["instances"].scores)
 
 
 def test_compare_postprocessors_prints_a_row_per_postprocessor(capsys):
     argv = ["--config-file", SHAPES_YAML, "--dataset", "shapes_panoptic_val_tiny", *SCRIPT_OPTS,
             "DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "SEED", "1"]
     table = compare.main(argv)
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "shapes_panoptic_val_tiny: 100%" in captured.err and "8/8" in captured.err  # tqdm progress
     assert list(table) == registered_postprocessors()
     for name, row in table.items():
         assert row["images"] == 8 and row["merge_ms"] > 0

@@ -302,3 +302,24 @@ def test_bad_inputs_raise_value_error():
         run(dec, queries, pos[:, :3], 4, memory, mpos, None, SHAPES)
     with pytest.raises(ValueError, match="padding_mask"):
         run(dec, queries, pos, 4, memory, mpos, torch.zeros(2, 5, dtype=torch.bool), SHAPES)
+
+
+def test_masks_of_last_skips_the_maps_and_masks_of_earlier_layers():
+    """Inference reads only the last layer's masks (issue 15): with masks_of="last" the other layers
+    compute neither attention maps nor masks, and everything that is returned is unchanged."""
+    dec = build(num_layers=3)
+    queries, pos, memory, mpos = random_decoder_inputs()
+    full = run(dec, queries, pos, 4, memory, mpos, None, SHAPES)
+    calls = []
+    hooks = [layer.cross_attn.register_forward_hook(lambda mod, args, out: calls.append(out[1] is not None))
+             for layer in dec.layers]
+    last = run(dec, queries, pos, 4, memory, mpos, None, SHAPES, masks_of="last")
+    for h in hooks:
+        h.remove()
+    assert calls == [False, False, True]
+    assert [sorted(o) for o in last] == [["stuff_logits", "thing_logits"]] * 2 + [sorted(full[-1])]
+    for a, b in zip(full, last):
+        for key in b:
+            assert torch.equal(a[key], b[key]), key
+    with pytest.raises(ValueError, match="masks_of"):
+        run(dec, queries, pos, 4, memory, mpos, None, SHAPES, masks_of="first")

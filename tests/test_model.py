@@ -9,6 +9,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import small_cfg
 from panoptic_segformer import PanopticSegFormer, PanopticSegFormerDatasetMapper
+from panoptic_segformer.utils import upsample_masks_to_image
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_inference_with_first_k_mask_decoder_layers_uses_layer_k(batches):
     model = build_model(cfg).eval()
     images = model.preprocess_image(batches[1])
     with torch.no_grad():
-        all_layers = model.forward_outputs(images)["mask"]
+        all_layers = model.forward_outputs(images, return_attention=True)["mask"]  # every layer's masks
         first = model.forward_outputs(images, num_mask_layers=1)["mask"]
     assert len(first) == 1 and torch.allclose(first[0]["pred_masks"], all_layers[0]["pred_masks"])
 
@@ -129,14 +130,43 @@ def test_masks_to_image_ignores_padding_and_batch_partners():
     """Upsampling uses only the image's own 1/8 cells: the result equals upsampling the unpadded
     map, whatever the padded/pinned cells around it hold."""
     torch.manual_seed(0)
-    own = torch.randn(3, 5, 7)  # an image of 40x56 px at 1/8
+    own = torch.randn(3, 5, 7)  # an image of 37x53 px: ceil(37/8) x ceil(53/8) cells at 1/8
     padded = torch.full((3, 9, 12), -1e4)
     padded[:, :5, :7] = own
-    out = PanopticSegFormer.masks_to_image(padded, (37, 53), (72, 96), (74, 106))
-    ref = PanopticSegFormer.masks_to_image(own, (37, 53), (40, 56), (74, 106))
+    out = upsample_masks_to_image(padded, (37, 53), 8, (74, 106))
+    ref = upsample_masks_to_image(own, (37, 53), 8, (74, 106))
     assert out.shape == (3, 74, 106)
     torch.testing.assert_close(out, ref)
     assert out.min() > -100  # no -1e4 padding value leaked into the border
+
+
+def test_masks_reach_images_that_are_not_a_multiple_of_8_at_stride_8():
+    """SIZE_DIVISIBILITY 1 and a 45x21 image: the 1/8 map has ceil(45/8) x ceil(21/8) = 6x3 cells,
+    cell j centred on pixel 8j + 3.5. A ramp of value 8j along x, bilinearly upsampled by the
+    encoder's stride 8, is x - 3.5 at pixel x (clamped to the outer cell values) -- not the ramp of
+    a stride 7 = 21 // 3 from dividing sizes."""
+    model = build_model(_tiny("INPUT.SIZE_DIVISIBILITY", "1")).eval()
+    assert model.mask_stride == 8 == model.backbone.output_shape()["res3"].stride
+    image = torch.rand(3, 45, 21) * 255
+    images = model.preprocess_image([{"image": image}])
+    assert tuple(images.tensor.shape[-2:]) == (45, 21)
+    with torch.no_grad():
+        outputs = model.forward_outputs(images)
+    last = outputs["mask"][-1]
+    assert tuple(last["pred_masks"].shape[-2:]) == (6, 3)
+    q = last["pred_masks"].shape[1]
+    last["pred_masks"] = (8.0 * torch.arange(3.0)).expand(1, q, 6, 3).contiguous()
+    seen = {}
+
+    def capture(mask_probs, class_probs, labels, is_thing, mask_logits=None, class_distribution=None):
+        seen["logits"] = mask_logits
+        return torch.zeros(mask_probs.shape[1:], dtype=torch.int32), []
+
+    with torch.no_grad():
+        model.inference(outputs, [{"image": image}], images, postprocessor=capture)
+    expected = (torch.arange(21.0) - 3.5).clamp(0, 16).expand(45, 21)
+    assert seen["logits"].shape == (q, 45, 21)
+    torch.testing.assert_close(seen["logits"][0], expected, rtol=0, atol=1e-5)
 
 
 def test_bf16_autocast_inference_and_training_step_on_cpu(batches):
@@ -158,3 +188,76 @@ def test_bf16_autocast_inference_and_training_step_on_cpu(batches):
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _predictions_with_segments(seed=1):
+    """A tiny model with spread class scores and smaller, distinct masks (a random init has near-uniform
+    ones), and the per-query predictions of one 96 x 128 image."""
+    torch.manual_seed(seed)
+    model = build_model(_tiny("MODEL.PANOPTIC_SEGFORMER.TEST.KEEP_THRESHOLD_THING", "0.2",
+                              "MODEL.PANOPTIC_SEGFORMER.TEST.KEEP_THRESHOLD_STUFF", "0.2",
+                              "MODEL.PANOPTIC_SEGFORMER.TEST.CONF_THRESHOLD_THING", "0.02",
+                              "MODEL.PANOPTIC_SEGFORMER.TEST.CONF_THRESHOLD_STUFF", "0.02")).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "class_embed" in name and name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 3.0)
+            elif "cross_attn.q_proj" in name or "cross_attn.k_proj" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+            if name.endswith("conv2.bias"):
+                p.sub_(2.0)
+        images = model.preprocess_image([{"image": torch.rand(3, 96, 128, generator=g) * 255}])
+        outputs = model.forward_outputs(images, num_mask_layers=model.test_mask_decoder_layers)
+    return model, images.image_sizes[0], model.per_query_predictions(outputs["mask"][-1], 0)
+
+
+def test_full_resolution_outputs_do_not_depend_on_the_chunk_size():
+    """Queries reach full resolution in chunks (issue 15); one query per chunk gives the same outputs
+    as all at once (sem_seg accumulates per chunk: within float rounding)."""
+    model, image_size, (dist, probs, labels, is_thing, maps) = _predictions_with_segments()
+    with torch.no_grad():
+        whole = model.full_resolution_outputs(model.postprocessor, maps, dist, probs, labels, is_thing,
+                                              image_size, (150, 200))
+        single = model.full_resolution_outputs(model.postprocessor, maps, dist, probs, labels, is_thing,
+                                               image_size, (150, 200), chunk_elements=1)
+    pan, segments = whole["panoptic_seg"]
+    assert len(segments) >= 2 and {s["isthing"] for s in segments} == {True, False}
+    assert torch.equal(pan, single["panoptic_seg"][0]) and segments == single["panoptic_seg"][1]
+    a, b = whole["instances"], single["instances"]
+    assert len(a) == len(b) > 0
+    for field in ("pred_masks", "scores", "pred_classes"):
+        assert torch.equal(a.get(field), b.get(field)), field
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    torch.testing.assert_close(whole["sem_seg"], single["sem_seg"], rtol=1e-6, atol=1e-6)
+    # Instances: the top thing results by score, ties by query index, masks > mask threshold.
+    things = is_thing.nonzero().squeeze(1)
+    full_probs = model.mask_decoder.mask_probabilities(
+        upsample_masks_to_image(maps, image_size, model.mask_stride, (150, 200)))
+    binary = full_probs[things] > model.mask_threshold
+    scores = probs[things] * (full_probs[things] * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    order = torch.sort(scores, descending=True, stable=True).indices[:model.detections_per_image]
+    assert torch.equal(a.scores, scores[order]) and torch.equal(a.pred_masks, binary[order])
+
+
+def test_panoptic_inference_brings_only_the_masks_it_reads_to_full_resolution():
+    """Memory grows with the masks the post-processor reads, not with the number of queries: with only
+    panoptic output on, exactly the read_queries masks are upsampled."""
+    model, image_size, (dist, probs, labels, is_thing, maps) = _predictions_with_segments()
+    upsampled = []
+
+    class CountingMerge(type(model.postprocessor)):
+        @staticmethod
+        def masks_to_image(m, *args):
+            upsampled.append(m.shape[0])
+            return upsample_masks_to_image(m, *args)
+
+    counting = CountingMerge(conf_threshold=0.05, keep_threshold=0.2)
+    model.instance_on = model.semantic_on = False
+    with torch.no_grad():
+        out = model.full_resolution_outputs(counting, maps, dist, probs, labels, is_thing, image_size, (96, 128))
+        plain = type(model.postprocessor)(conf_threshold=0.05, keep_threshold=0.2)
+        ref = model.full_resolution_outputs(plain, maps, dist, probs, labels, is_thing, image_size, (96, 128))
+    read = int(counting.read_queries(probs, labels, is_thing).sum())
+    assert 0 < read < len(probs) and sum(upsampled) == read
+    assert torch.equal(out["panoptic_seg"][0], ref["panoptic_seg"][0]) and len(out["panoptic_seg"][1]) > 0

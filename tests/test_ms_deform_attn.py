@@ -119,6 +119,21 @@ def test_core_dtypes_and_location_cast():
     torch.testing.assert_close(out_bf16.double(), ref, atol=0.1, rtol=0.05)
 
 
+def test_core_half_precision_on_cpu_has_no_nan():
+    """8 heads x 32 channels over three 800x1333-like levels (scaled down) in bf16 / fp16: PyTorch's CPU
+    grid_sample returned NaN for some bf16 values in the strided (permuted) layout; the core samples a
+    contiguous copy. Reference: the same (rounded) inputs in float64."""
+    from projects.benchmarks.ms_deform_attn_speed import encoder_inputs
+
+    levels = ((20, 33), (10, 17), (5, 9))
+    for dtype in (torch.bfloat16, torch.float16):
+        value, layout, loc, weights = encoder_inputs(levels, 1, 8, 32, 4, dtype, torch.device("cpu"), seed=3)
+        out = ms_deform_attn_core(value, levels, loc, weights)
+        ref = ms_deform_attn_core(value.double(), levels, loc.to(dtype).double(), weights.to(dtype).double())
+        assert not out.isnan().any(), dtype
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 0.1, dtype  # bf16 pixel coordinates
+
+
 @pytest.mark.parametrize(
     "value_shape,shapes,loc_shape,w_shape,match",
     [
@@ -252,3 +267,37 @@ def test_module_input_validation():
     with pytest.raises(ValueError, match="padding_mask"):  # the layout itself is validated once
         LevelLayout(levels.sizes, levels.spatial_shapes, levels.level_start_index,
                     torch.zeros(x.shape[:2]), levels.valid_ratios)
+
+
+def _previous_core(value, sizes, loc, weights):
+    """The implementation this core replaced (issue 15): one grid_sample per level on a (Q, P) grid, all
+    levels stacked, then one weighted sum. Kept here as the reference the faster core must equal."""
+    N, S, M, D = value.shape
+    _, Q, _, L, P, _ = loc.shape
+    grids = 2 * loc - 1
+    sampled = []
+    for lvl, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in sizes], dim=1), sizes)):
+        v = v.permute(0, 2, 3, 1).reshape(N * M, D, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(N * M, Q, P, 2)
+        sampled.append(torch.nn.functional.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
+                                                       align_corners=False))
+    w = weights.transpose(1, 2).reshape(N * M, 1, Q, L * P)
+    return (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1).view(N, M * D, Q).transpose(1, 2)
+
+
+def test_core_equals_the_previous_implementation_float64():
+    """Outputs and all three gradients equal the replaced per-level-stack implementation in float64."""
+    g = torch.Generator().manual_seed(11)
+    sizes = [(13, 17), (7, 9), (4, 5), (2, 3)]
+    N, Q, M, D, P = 2, 23, 4, 8, 3
+    S = sum(h * w for h, w in sizes)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64, requires_grad=True)
+    loc = (torch.rand(N, Q, M, len(sizes), P, 2, generator=g, dtype=torch.float64) * 1.3 - 0.15).requires_grad_(True)
+    weights = torch.rand(N, Q, M, len(sizes), P, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(N, Q, M * D, generator=g, dtype=torch.float64)
+    new = ms_deform_attn_core(value, sizes, loc, weights)
+    old = _previous_core(value, sizes, loc, weights)
+    torch.testing.assert_close(new, old, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(new, (value, loc, weights), grad_out),
+                    torch.autograd.grad(old, (value, loc, weights), grad_out)):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)

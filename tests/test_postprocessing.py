@@ -20,7 +20,7 @@ from panoptic_segformer.postprocessing import (
 )
 from panoptic_segformer.postprocessing.common import running_argmax
 
-BUILTIN = ["heuristic", "mask_wise", "pixel_argmax", "pixel_argmax_prob"]
+BUILTIN = ["heuristic", "mask_wise", "official", "pixel_argmax", "pixel_argmax_prob"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +310,27 @@ def test_registered_postprocessors_give_valid_panoptic_output(name):
     assert total_segments > 0
 
 
+@pytest.mark.parametrize("name", BUILTIN)
+def test_read_queries_subset_gives_the_same_output(name):
+    """read_queries names every query whose mask the method may read: calling it with only those
+    (in query order) gives the same panoptic output, so the model brings only them to full size."""
+    pp = build_postprocessor(name)
+    checked = 0
+    for seed in range(8):
+        m, p, labels, is_thing, logits = random_predictions(seed, n=16)
+        p = p * (torch.arange(16) % 3 > 0) + 0.1 * (torch.arange(16) % 3 == 0)  # some unlikely queries
+        if name == "official":
+            m = m * 1.5  # masks above 1: every query may be read
+        read = pp.read_queries(p, labels, is_thing)
+        assert read.dtype == torch.bool and read.shape == (16,)
+        full = pp(m, p, labels, is_thing, mask_logits=logits)
+        r = read.nonzero().squeeze(1)
+        part = pp(m[r], p[r], labels[r], is_thing[r], mask_logits=logits[r])
+        assert torch.equal(full[0], part[0]) and full[1] == part[1]
+        checked += int((~read).sum() > 0 and len(full[1]) > 0)
+    assert checked > 0 or name == "official"  # the subset really left queries out
+
+
 # --------------------------------------------------------------------------------------------
 # Behaviour specific to each baseline.
 # --------------------------------------------------------------------------------------------
@@ -416,7 +437,9 @@ def test_bad_inputs_raise_clear_errors(name):
         ((m, p, labels.float(), is_thing), {}, "labels"),
         ((m, p, -labels, is_thing), {}, "labels"),
         ((m, p, labels, is_thing.long()), {}, "is_thing"),
-        ((m * 3, p, labels, is_thing), {}, r"mask_probs.*\[0, 1\]"),
+        # "official" takes the official masks unclamped (>= 0, above 1 allowed).
+        ((m - 3, p, labels, is_thing) if name == "official" else (m * 3, p, labels, is_thing), {},
+         r"mask_probs.*\[0, inf\]" if name == "official" else r"mask_probs.*\[0, 1\]"),
         ((m, p + 1, labels, is_thing), {}, "class_probs"),
         ((m.long(), p, labels, is_thing), {}, "mask_probs"),
         ((m, p, labels, is_thing), {"mask_logits": torch.rand(3, 4, 4)}, "mask_logits"),
@@ -438,7 +461,7 @@ def test_bad_thresholds_raise():
         PixelArgmax(threshold=2.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     for name in BUILTIN:
         pp = build_postprocessor(name, **({"stuff_area_limit": 8} if name == "heuristic" else {}))

@@ -11,12 +11,14 @@ are ignored, i.e. they only act as background for the masks. Segments emptied by
 
 Augmentations (Sec. 4.1 / Appendix A.1): random horizontal flip; multi-scale resize (short side
 480-800, long side <= 1333); with probability ``INPUT.DETR_CROP_PROB`` a DETR-style crop (short side
-to 400/500/600, random crop 384-600, then the multi-scale resize). Test: resize to 800/1333.
+to 400/500/600, random crop 384-600, then the multi-scale resize). Test: resize to 800/1333, after
+an optional corruption of the image as read (``TEST.CORRUPTION``, Table 11; see ``.corruptions``).
 """
 import copy
 import logging
 import os
 
+import cv2
 import numpy as np
 import torch
 from detectron2.config import configurable
@@ -27,6 +29,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from PIL import Image, ImageOps
 
 from ..utils import masks_to_boxes
+from .corruptions import build_test_corruption
 
 __all__ = ["PanopticSegFormerDatasetMapper", "read_image_rgb", "read_panoptic_png", "DatasetError"]
 
@@ -35,6 +38,20 @@ logger = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """Bad input data; the message names the file and the problem."""
+
+
+def one_thread_in_workers() -> None:
+    """In a DataLoader worker process, use one intra-op thread in OpenCV (and torch).
+
+    PyTorch gives its workers one torch thread, but OpenCV's resize/warp keep a pool as large as the
+    machine's core count in every worker, on top of the training process's own threads: on a small or
+    busy machine the oversubscribed pools made training several times slower than with
+    ``OMP_NUM_THREADS=1`` (docs/BENCHMARKS.md). The training process keeps its threads. Works with every
+    Detectron2 loader (no worker_init_fn needed).
+    """
+    if torch.utils.data.get_worker_info() is not None and cv2.getNumThreads() != 1:
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
 
 
 def read_image_rgb(file_name, image_format="RGB", min_size=32):
@@ -108,6 +125,7 @@ class PanopticSegFormerDatasetMapper:
         image_format,
         thing_ids,
         min_image_size=32,
+        corruption=None,
     ):
         """
         Args:
@@ -117,6 +135,8 @@ class PanopticSegFormerDatasetMapper:
             image_format: "RGB" or "BGR".
             thing_ids: set of contiguous category ids that are things (the rest are stuff).
             min_image_size: images smaller than this on either side are rejected.
+            corruption: optional callable (image, dataset_dict, image_format) -> image applied to the
+                image right after it is read (TEST.CORRUPTION, Table 11; see `.corruptions`).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -125,8 +145,9 @@ class PanopticSegFormerDatasetMapper:
         self.image_format = image_format
         self.thing_ids = set(thing_ids)
         self.min_image_size = min_image_size
+        self.corruption = corruption
         logger.info(f"[PanopticSegFormerDatasetMapper] augmentations: {augmentations}; with "
-                    f"probability {crop_prob}: {crop_augmentations}")
+                    f"probability {crop_prob}: {crop_augmentations}; corruption: {corruption}")
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
@@ -151,6 +172,7 @@ class PanopticSegFormerDatasetMapper:
             augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
             crop_augs, crop_prob = [], 0.0
             dataset_names = cfg.DATASETS.TEST
+        corruption = build_test_corruption(cfg)
         thing_ids = set()
         for name in dataset_names:
             meta = MetadataCatalog.get(name)
@@ -163,24 +185,36 @@ class PanopticSegFormerDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "thing_ids": thing_ids,
             "min_image_size": cfg.INPUT.MIN_IMAGE_SIZE,
+            # Checked in training too, so that a bad TEST.CORRUPTION fails before training starts.
+            "corruption": None if is_train else corruption,
         }
 
+    def _read_ground_truth(self, dataset_dict, image):
+        """The panoptic PNG as an (H, W) segment-id map, checked against the image size and the JSON
+        segments. Checked in training AND at test time: the evaluator scores this ground truth, so
+        it must be what training accepts. None at test time for a dict without annotation."""
+        if "pan_seg_file_name" not in dataset_dict or "segments_info" not in dataset_dict:
+            if self.is_train:
+                raise DatasetError(f"{dataset_dict['file_name']}: no panoptic annotation "
+                                   "('pan_seg_file_name', 'segments_info') in the dataset dict")
+            return None
+        pan_seg = read_panoptic_png(dataset_dict["pan_seg_file_name"])
+        if pan_seg.shape != image.shape[:2]:
+            raise DatasetError(
+                f"{dataset_dict['pan_seg_file_name']}: panoptic PNG is {pan_seg.shape[::-1]} but "
+                f"image {dataset_dict['file_name']} is {image.shape[1::-1]}"
+            )
+        _check_segments(pan_seg, dataset_dict["segments_info"], dataset_dict["pan_seg_file_name"])
+        return pan_seg
+
     def __call__(self, dataset_dict):
+        one_thread_in_workers()
         dataset_dict = copy.deepcopy(dataset_dict)
         image = read_image_rgb(dataset_dict["file_name"], self.image_format, self.min_image_size)
+        if self.corruption is not None:
+            image = self.corruption(image, dataset_dict, self.image_format)
         utils.check_image_size(dataset_dict, image)
-        pan_seg = None
-        if self.is_train:
-            if "pan_seg_file_name" not in dataset_dict:
-                raise DatasetError(f"{dataset_dict['file_name']}: no panoptic annotation "
-                                   "('pan_seg_file_name') in the dataset dict")
-            pan_seg = read_panoptic_png(dataset_dict["pan_seg_file_name"])
-            if pan_seg.shape != image.shape[:2]:
-                raise DatasetError(
-                    f"{dataset_dict['pan_seg_file_name']}: panoptic PNG is {pan_seg.shape[::-1]} but "
-                    f"image {dataset_dict['file_name']} is {image.shape[1::-1]}"
-                )
-            _check_segments(pan_seg, dataset_dict["segments_info"], dataset_dict["pan_seg_file_name"])
+        pan_seg = self._read_ground_truth(dataset_dict, image)
 
         augs = self.augmentations
         if self.crop_augmentations is not None and np.random.rand() < self.crop_prob:

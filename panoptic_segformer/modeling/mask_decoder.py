@@ -48,6 +48,7 @@ __all__ = [
     "MaskDecoderLayer",
     "MaskDecoder",
     "check_decoder_inputs",
+    "fill_padding",
 ]
 
 def _replicate_index(level_padding_mask: Tensor) -> Tensor:
@@ -94,6 +95,16 @@ class MultiHeadCrossAttentionWithMaps(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+    def queries_and_keys(self, query: Tensor, memory: Tensor, query_pos: Optional[Tensor] = None,
+                         memory_pos: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Per-head q (N, h, Q, d) = W_q (query + query_pos) and k (N, h, S, d) = W_k (memory + memory_pos)."""
+        n, q_len, _ = query.shape
+        q_in = query if query_pos is None else query + query_pos
+        k_in = memory if memory_pos is None else memory + memory_pos
+        q = self.q_proj(q_in).view(n, q_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(k_in).view(n, memory.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+        return q, k
+
     def attention_maps(
         self,
         query: Tensor,
@@ -102,11 +113,7 @@ class MultiHeadCrossAttentionWithMaps(nn.Module):
         memory_pos: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-head q (N, h, Q, d), k (N, h, S, d) and the pre-softmax maps A = q k^T / sqrt(d) (N, h, Q, S)."""
-        n, q_len, _ = query.shape
-        q_in = query if query_pos is None else query + query_pos
-        k_in = memory if memory_pos is None else memory + memory_pos
-        q = self.q_proj(q_in).view(n, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(k_in).view(n, memory.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+        q, k = self.queries_and_keys(query, memory, query_pos, memory_pos)
         return q, k, torch.matmul(q * self.scale, k.transpose(-2, -1))
 
     def forward(
@@ -116,19 +123,25 @@ class MultiHeadCrossAttentionWithMaps(nn.Module):
         query_pos: Optional[Tensor] = None,
         memory_pos: Optional[Tensor] = None,
         key_padding_mask: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Tensor]:
+        need_maps: bool = True,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         """
         Args:
             query: (N, Q, C); query_pos: (N, Q, C) or None.
             memory: (N, S, C); memory_pos: (N, S, C) or None.
             key_padding_mask: (N, S) bool, True = padding, or None.
+            need_maps: compute the maps A (False: only the attended values, e.g. for a layer whose
+                masks nobody reads at inference).
         Returns:
             out: (N, Q, C) attended values after the output projection.
-            attn: (N, h, Q, S) pre-softmax scaled attention logits A.
+            attn: (N, h, Q, S) pre-softmax scaled attention logits A (None unless ``need_maps``).
         """
         n, q_len, c = query.shape
         s_len = memory.shape[1]
-        q, k, attn = self.attention_maps(query, memory, query_pos, memory_pos)
+        if need_maps:
+            q, k, attn = self.attention_maps(query, memory, query_pos, memory_pos)
+        else:
+            (q, k), attn = self.queries_and_keys(query, memory, query_pos, memory_pos), None
         v = self.v_proj(memory).view(n, s_len, self.n_heads, self.head_dim).transpose(1, 2)
         attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         # Same q, k and scale as `attn`; the fused kernel avoids storing softmax weights for backward.
@@ -264,23 +277,33 @@ class MaskDecoderLayer(nn.Module):
         memory: Tensor,
         memory_pos: Optional[Tensor],
         padding_mask: Optional[Tensor],
-    ) -> Tuple[Tensor, Tensor]:
+        need_maps: bool = True,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         """
         Args:
             tgt: (N, Q, C) queries; query_pos: (N, Q, C) or None.
             memory: (N, S, C); memory_pos: (N, S, C) or None; padding_mask: (N, S) bool or None.
+            need_maps: compute the attention maps (see :class:`MultiHeadCrossAttentionWithMaps`).
         Returns:
-            (N, Q, C) refined queries Q_refine and (N, h, Q, S) attention maps A.
+            (N, Q, C) refined queries Q_refine and (N, h, Q, S) attention maps A (None unless ``need_maps``).
         """
         if self.use_self_attn:
             q = k = tgt if query_pos is None else tgt + query_pos
             tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
             tgt = self.norm_sa(tgt + self.dropout_sa(tgt2))
-        tgt2, attn = self.cross_attn(tgt, memory, query_pos, memory_pos, padding_mask)
+        tgt2, attn = self.cross_attn(tgt, memory, query_pos, memory_pos, padding_mask, need_maps)
         tgt = self.norm_ca(tgt + self.dropout_ca(tgt2))
         tgt2 = self.linear2(self.dropout_ffn1(F.relu(self.linear1(tgt))))
         tgt = self.norm_ffn(tgt + self.dropout_ffn2(tgt2))
         return tgt, attn
+
+
+def fill_padding(masks: Tensor, levels: LevelLayout, value: float) -> Tensor:
+    """``masks`` (N, Q, H_1, W_1) at level 1 with its padding cells set to ``value``, so that the mask
+    losses and the post-processors never see values the attention maps copied into padding."""
+    n, _, h1, w1 = masks.shape
+    pad = levels.padding_mask[:, :h1 * w1].view(n, 1, h1, w1)
+    return masks.masked_fill(pad, value)
 
 
 def check_decoder_inputs(decoder: nn.Module, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int,
@@ -321,12 +344,22 @@ class MaskDecoder(nn.Module):
     biases use the focal-loss prior -log((1-0.01)/0.01).
     """
 
-    mask_activation = "sigmoid"
+    # "pred_masks" value of padding cells: a logit meaning "background" for every loss and post-processor.
+    padding_value = -1e4
 
     @staticmethod
-    def mask_probabilities(mask_logits: Tensor) -> Tensor:
-        """Mask probabilities from the "pred_masks" logits."""
+    def mask_probabilities(mask_logits: Tensor, max_value: float = 1.0) -> Tensor:
+        """Mask probabilities from the "pred_masks" logits (a sigmoid: within any ``max_value`` >= 1,
+        the largest value the post-processor accepts)."""
         return mask_logits.sigmoid()
+
+    @staticmethod
+    def mask_logits(masks: Tensor) -> Optional[Tensor]:
+        """The logits behind :meth:`mask_probabilities`: "pred_masks" are logits."""
+        return masks
+
+    def check_trainable(self) -> None:
+        """The paper's decoder trains (Sec. 3.4)."""
 
     def __init__(
         self,
@@ -362,7 +395,7 @@ class MaskDecoder(nn.Module):
 
     def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int, memory: Tensor,
                 memory_pos: Optional[Tensor], levels: LevelLayout, num_layers: Optional[int] = None,
-                return_attention: bool = False) -> List[Dict[str, Tensor]]:
+                return_attention: bool = False, masks_of: str = "all") -> List[Dict[str, Tensor]]:
         """
         Args:
             queries: (N, Q, C), the first ``num_thing_queries`` are thing queries, the rest stuff queries
@@ -372,6 +405,9 @@ class MaskDecoder(nn.Module):
             levels: the layout of S (padding keys are excluded from the softmax).
             num_layers: run only the first ``num_layers`` layers (Table 10); default all.
             return_attention: also return each layer's attention maps.
+            masks_of: "all" layers (training: deep supervision, Eq. 4-5) or only the "last" one
+                (inference reads only the last layer's masks: the other layers then compute neither
+                attention maps nor masks, and their dicts have no "pred_masks").
         Returns:
             list over the layers run of dicts with
             "thing_logits": (N, Q_th, num_thing_classes); "stuff_logits": (N, Q_st) ((N, 0) if none);
@@ -380,15 +416,19 @@ class MaskDecoder(nn.Module):
         """
         num_layers = check_decoder_inputs(self, queries, query_pos, num_thing_queries, memory, memory_pos,
                                           levels, num_layers)
+        if masks_of not in ("all", "last"):
+            raise ValueError(f"masks_of must be 'all' or 'last', got {masks_of!r}")
         outputs: List[Dict[str, Tensor]] = []
         tgt = queries
         for lid in range(num_layers):
-            tgt, attn = self.layers[lid](tgt, query_pos, memory, memory_pos, levels.padding_mask)
+            masks = return_attention or masks_of == "all" or lid == num_layers - 1
+            tgt, attn = self.layers[lid](tgt, query_pos, memory, memory_pos, levels.padding_mask, need_maps=masks)
             out = {
                 "thing_logits": self.thing_class_embed[lid](tgt[:, :num_thing_queries]),
                 "stuff_logits": self.stuff_class_embed[lid](tgt[:, num_thing_queries:]).squeeze(-1),
-                "pred_masks": self.mask_heads[lid](attn, levels),
             }
+            if masks:
+                out["pred_masks"] = fill_padding(self.mask_heads[lid](attn, levels), levels, self.padding_value)
             if return_attention:
                 out["attention"] = attn
             outputs.append(out)

@@ -47,7 +47,8 @@ def ms_deform_attn_core(
 ) -> Tensor:
     """Sample every level bilinearly at the given locations and sum with attention weights ([12], Eq. 3).
 
-    Pure PyTorch (one ``F.grid_sample`` per level), differentiable w.r.t. ``value``,
+    Pure PyTorch (one ``F.grid_sample`` per level over all the level's points at once, weighted and
+    summed in place), differentiable w.r.t. ``value``,
     ``sampling_locations`` and ``attention_weights``; runs on any device and float dtype
     (``sampling_locations`` / ``attention_weights`` are cast to ``value.dtype``).
 
@@ -76,24 +77,24 @@ def ms_deform_attn_core(
     sampling_locations = sampling_locations.to(value.dtype)
     attention_weights = attention_weights.to(value.dtype)
 
-    value_list = value.split([h * w for h, w in sizes], dim=1)
     # grid_sample wants coordinates in [-1, 1]; with align_corners=False, -1/1 are the outer map edges.
-    sampling_grids = 2 * sampling_locations - 1
-    sampled_per_level = []
-    for lvl, (h, w) in enumerate(sizes):
-        # (N, H*W, M, D) -> (N*M, D, H, W)
-        value_l = value_list[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)
-        # (N, Q, M, P, 2) -> (N*M, Q, P, 2)
-        grid_l = sampling_grids[:, :, :, lvl].transpose(1, 2).reshape(N * M, Q, P, 2)
-        # (N*M, D, Q, P)
-        sampled_per_level.append(
-            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )
-    # (N, Q, M, L, P) -> (N*M, 1, Q, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Q, L * P)
-    # (N*M, D, Q, L*P) weighted sum -> (N*M, D, Q)
-    output = (torch.stack(sampled_per_level, dim=-2).flatten(-2) * weights).sum(-1)
-    return output.view(N, M * D, Q).transpose(1, 2).contiguous()
+    grids = (2 * sampling_locations - 1).transpose(1, 2)  # (N, M, Q, L, P, 2)
+    weights = attention_weights.transpose(1, 2)  # (N, M, Q, L, P)
+    output = None
+    for lvl, (value_l, (h, w)) in enumerate(zip(value.split([h * w for h, w in sizes], dim=1), sizes)):
+        # (N, H*W, M, D) -> (N*M, D, H, W); contiguous: PyTorch's CPU grid_sample returns NaN for some
+        # bf16 inputs in the strided layout (seen with torch 2.11 and 2.14)
+        value_l = value_l.permute(0, 2, 3, 1).reshape(N * M, D, h, w).contiguous()
+        # All Q*P points of a head as ONE row of the output grid: grid_sample's CPU kernel vectorizes
+        # along the output rows, which P (4) points would leave mostly empty. Same values, same memory
+        # layout as a (Q, P) grid: (N*M, D, 1, Q*P) viewed as (N*M, D, Q, P).
+        grid_l = grids[:, :, :, lvl].reshape(N * M, 1, Q * P, 2)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
+                                align_corners=False).view(N * M, D, Q, P)
+        weights_l = weights[:, :, :, lvl].reshape(N * M, 1, Q, P)
+        # Weighted sum over the levels accumulated in place (no stack of all levels' samples).
+        output = sampled * weights_l if output is None else output.addcmul_(sampled, weights_l)
+    return output.sum(-1).view(N, M * D, Q).transpose(1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ Differences from :class:`~.mask_decoder.MaskDecoder`, all reproduced here:
 * **Mask head** (Eq. 1-2 in the official form): on the pre-softmax maps of each level a per-level
   ``Linear(h -> h) + ReLU`` over the head axis, levels 2..L bilinearly upsampled to level 1, concatenated
   and ``Linear(L*h -> 1) + ReLU``. The result is used **as a mask probability** (no sigmoid; the official
-  dice loss is applied to it directly and inference thresholds it at 0.5). Values above 1 are clamped
-  to 1 by :meth:`OfficialMaskDecoder.mask_probabilities` (the post-processors require [0, 1]).
+  dice loss is applied to it directly and inference thresholds it at 0.5), values above 1 included: the
+  "official" post-processor reads it as it is; :meth:`OfficialMaskDecoder.mask_probabilities` clamps it
+  to [0, 1] only for post-processors that need probabilities (``max_mask_value`` 1).
 * Class FCs per layer as in the paper's decoder (thing: ``Linear(C, K_th)``, stuff: ``Linear(C, 1)``);
   the official inference classifies things with the location decoder instead
   (``MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASS_SOURCE: "location_decoder"``).
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 
 from .layers import focal_prior_bias
 from .levels import LevelLayout
-from .mask_decoder import MultiHeadCrossAttentionWithMaps, check_decoder_inputs
+from .mask_decoder import MultiHeadCrossAttentionWithMaps, check_decoder_inputs, fill_padding
 
 __all__ = ["OfficialMaskHead", "OfficialMaskDecoderLayer", "OfficialMaskBranch", "OfficialMaskDecoder"]
 
@@ -111,22 +112,25 @@ class OfficialMaskDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm_ffn = nn.LayerNorm(d_model, eps=1e-6)
 
-    def forward(self, x: Tensor, memory: Tensor, levels: LevelLayout) -> Tuple[Optional[Tensor], Tensor]:
+    def forward(self, x: Tensor, memory: Tensor, levels: LevelLayout,
+                need_masks: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """
         Args:
             x: (N, Q, C) query + query_pos; memory: (N, S, C); levels: the layout of S.
+            need_masks: compute this layer's masks (the official inference reads only the tail's).
         Returns:
-            (N, Q, C) refined queries (None for the tail) and (N, Q, H_1, W_1) masks.
+            (N, Q, C) refined queries (None for the tail) and (N, Q, H_1, W_1) masks (None unless
+            ``need_masks``).
         """
         if self.tail:
             _, _, attn = self.cross_attn.attention_maps(x, memory)
             return None, self.mask_head(attn, levels)
         if self.use_self_attn:
             x = self.norm_sa(x + self.self_attn(x, x, x, need_weights=False)[0])
-        out, attn = self.cross_attn(x, memory, None, None, levels.padding_mask)
+        out, attn = self.cross_attn(x, memory, None, None, levels.padding_mask, need_maps=need_masks)
         x = self.norm_ca(x + out)
         x = self.norm_ffn(x + self.linear2(F.gelu(self.linear1(x))))
-        return x, self.mask_head(attn, levels)
+        return x, self.mask_head(attn, levels) if need_masks else None
 
 
 class OfficialMaskBranch(nn.Module):
@@ -145,7 +149,7 @@ class OfficialMaskBranch(nn.Module):
         """Returns the refined queries of every layer [(N, Q, C)] and the tail's masks (N, Q, H_1, W_1)."""
         x, refined = queries, []
         for layer in self.layers:
-            x, _ = layer(x if query_pos is None else x + query_pos, memory, levels)
+            x, _ = layer(x if query_pos is None else x + query_pos, memory, levels, need_masks=False)
             refined.append(x)
         _, masks = self.tail(x if query_pos is None else x + query_pos, memory, levels)
         return refined, masks
@@ -162,7 +166,7 @@ class OfficialMaskDecoder(nn.Module):
         n_levels: levels of F the masks are built from (the backbone levels; official: 3).
     """
 
-    mask_activation = "identity"
+    padding_value = 0.0  # "pred_masks" of padding cells: probability 0
 
     def __init__(self, num_thing_classes: int, d_model: int = 256, n_heads: int = 8, d_ffn: int = 1024,
                  num_thing_layers: int = 4, num_stuff_layers: int = 6, thing_self_attn: bool = False,
@@ -186,15 +190,27 @@ class OfficialMaskDecoder(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     @staticmethod
-    def mask_probabilities(masks: Tensor) -> Tensor:
-        """The official masks are probabilities already (ReLU outputs); clamp to [0, 1]."""
-        return masks.clamp(0.0, 1.0)
+    def mask_probabilities(masks: Tensor, max_value: float = 1.0) -> Tensor:
+        """The official masks are the probabilities (ReLU outputs, >= 0, unbounded): returned as they
+        are when ``max_value`` is ``inf``, else clamped to [0, ``max_value``]."""
+        return masks if max_value == float("inf") else masks.clamp(0.0, max_value)
+
+    @staticmethod
+    def mask_logits(masks: Tensor) -> Optional[Tensor]:
+        """None: the official masks are probabilities, there are no logits."""
+        return None
+
+    def check_trainable(self) -> None:
+        """Raise: the official losses (V-Net dice on ReLU masks) are not part of this project."""
+        raise RuntimeError("MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE 'official' runs converted official "
+                           "checkpoints at inference only; train with 'paper'")
 
     def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int, memory: Tensor,
                 memory_pos: Optional[Tensor], levels: LevelLayout, num_layers: Optional[int] = None,
-                return_attention: bool = False) -> List[Dict[str, Tensor]]:
+                return_attention: bool = False, masks_of: str = "last") -> List[Dict[str, Tensor]]:
         """Same arguments as :meth:`MaskDecoder.forward`; ``memory_pos`` and the thing queries'
-        ``query_pos`` are not used (the official code passes none).
+        ``query_pos`` are not used (the official code passes none), and there is only the last layer
+        (``masks_of`` is accepted for the common signature).
 
         Returns a one-element list (the official inference uses only the final prediction):
         "thing_logits" (N, Q_th, K_th) and "stuff_logits" (N, Q_st) from each branch's last layer,
@@ -211,5 +227,5 @@ class OfficialMaskDecoder(nn.Module):
         return [{
             "thing_logits": self.thing_class_embed[-1](thing_q[-1]),
             "stuff_logits": self.stuff_class_embed[-1](stuff_q[-1]).squeeze(-1),
-            "pred_masks": torch.cat([thing_masks, stuff_masks], dim=1),
+            "pred_masks": fill_padding(torch.cat([thing_masks, stuff_masks], dim=1), levels, self.padding_value),
         }]

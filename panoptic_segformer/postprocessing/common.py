@@ -23,6 +23,19 @@ The caller turns raw classifier outputs into ``class_probs``/``labels`` (softmax
 Methods that do not need ``mask_logits`` or ``class_distribution`` accept and ignore them, so one
 call site can run any registered method.
 
+Three optional members tell the meta-architecture how to prepare those inputs and how to rank its
+``instances`` output (:class:`PanopticPostProcessor` has the defaults; a plain callable without them
+gets the defaults too, and a wrapper must forward them, e.g. with ``__getattr__``):
+
+* ``masks_to_image(masks, image_size, stride, output_size)`` -- how the mask decoder's (Q, h, w)
+  maps at ``1/stride`` of the padded input reach the output size: by default
+  :func:`~panoptic_segformer.utils.upsample_masks_to_image` (Detectron2's upsample-crop-resize);
+  the "official" method uses the official code's single resize.
+* ``max_mask_value`` -- the largest mask value ``merge`` accepts: 1.0 (probabilities; the official
+  decoder's ReLU masks are clamped to [0, 1] for such methods) or ``inf`` (masks as they are).
+* ``instance_scores(mask_probs, class_probs, binary)`` -- the score that ranks the top thing results
+  of ``instances`` (default :func:`mean_mask_instance_scores`).
+
 Shared helpers defined here and used by every method:
 
 * :func:`check_inputs` -- shapes and dtypes, and value ranges with one host sync (the
@@ -36,9 +49,12 @@ Shared helpers defined here and used by every method:
 * :func:`paint_segments` -- turns a per-pixel owner map into ``(panoptic_seg, segments_info)``.
 """
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from ..utils import upsample_masks_to_image
 
 __all__ = [
     "PanopticPostProcessor",
@@ -49,6 +65,7 @@ __all__ = [
     "check_values_of",
     "check_unit_interval",
     "greedy_fill",
+    "mean_mask_instance_scores",
     "merge_stuff_of_same_class",
     "paint_segments",
     "raise_on_bad_values",
@@ -114,15 +131,20 @@ def check_values_of(mask_probs: torch.Tensor, candidates: Sequence[int], class_p
     raise_on_bad_values(value_ranges(mask_range, class_probs, labels).tolist())
 
 
-def raise_on_bad_values(ranges: Sequence[float]) -> None:
-    """Raise ValueError unless the host values of :func:`value_ranges` are valid.
+def raise_on_bad_values(ranges: Sequence[float], max_mask_value: float = 1.0) -> None:
+    """Raise ValueError unless the host values of :func:`value_ranges` are valid: masks in
+    ``[0, max_mask_value]`` (finite when ``max_mask_value`` is ``inf``), class_probs in [0, 1],
+    labels >= 0.
 
     NaN fails every comparison here, so it is reported as out of range.
     """
-    if not (ranges[0] >= 0.0 and ranges[1] <= 1.0):
-        raise ValueError(
-            f"mask_probs must be probabilities in [0, 1] (apply sigmoid to logits), got values in "
-            f"[{ranges[0]}, {ranges[1]}]")
+    if not (ranges[0] >= 0.0 and ranges[1] <= max_mask_value and math.isfinite(ranges[1])):
+        if max_mask_value == 1.0:
+            raise ValueError(
+                f"mask_probs must be probabilities in [0, 1] (apply sigmoid to logits), got values in "
+                f"[{ranges[0]}, {ranges[1]}]")
+        raise ValueError(f"mask_probs must be finite and lie in [0, {max_mask_value}], got values in "
+                         f"[{ranges[0]}, {ranges[1]}]")
     if not (ranges[2] >= 0.0 and ranges[3] <= 1.0):
         raise ValueError(f"class_probs must lie in [0, 1], got values in [{ranges[2]}, {ranges[3]}]")
     if ranges[4] < 0:
@@ -137,11 +159,12 @@ def check_inputs(
     mask_logits: Optional[torch.Tensor] = None,
     class_distribution: Optional[torch.Tensor] = None,
     check_values: bool = True,
+    max_mask_value: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate the common post-processor inputs; return them with ``labels`` as int64.
 
     Args:
-        mask_probs: (N, H, W) floating, values in [0, 1].
+        mask_probs: (N, H, W) floating, values in [0, ``max_mask_value``].
         class_probs: (N,) floating, values in [0, 1].
         labels: (N,) integer (not bool), values >= 0.
         is_thing: (N,) bool.
@@ -203,7 +226,8 @@ def check_inputs(
 
     labels = labels.long()
     if check_values and n > 0:
-        raise_on_bad_values(value_ranges(torch.aminmax(mask_probs), class_probs, labels).tolist())
+        raise_on_bad_values(value_ranges(torch.aminmax(mask_probs), class_probs, labels).tolist(),
+                            max_mask_value)
     return mask_probs, class_probs, labels, is_thing
 
 
@@ -219,7 +243,7 @@ def binary_mask_stats(
     in float64.
 
     Args:
-        mask_probs: (N, H, W) mask probabilities in [0, 1].
+        mask_probs: (N, H, W) mask probabilities, >= 0 (above 1 allowed: the official masks).
         mask_threshold: binarization threshold in [0, 1) (strict ``>``).
         indices: M query indices to read (default: ``range(N)``).
 
@@ -438,6 +462,20 @@ def paint_segments(
     return lut_t[owner], segments_info
 
 
+def mean_mask_instance_scores(mask_probs: torch.Tensor, class_probs: torch.Tensor,
+                              binary: torch.Tensor) -> torch.Tensor:
+    """Default score of the ``instances`` output: class probability x mean mask probability inside
+    the binary mask (0 for an empty mask).
+
+    Args:
+        mask_probs: (M, H, W) mask probabilities; class_probs: (M,); binary: (M, H, W) bool masks.
+    Returns:
+        (M,) scores in the dtype of ``mask_probs``.
+    """
+    area = binary.flatten(1).sum(1)
+    return class_probs * (mask_probs * binary).flatten(1).sum(1) / area.clamp(min=1)
+
+
 class PanopticPostProcessor:
     """Base class: validates the common inputs, then calls :meth:`merge`.
 
@@ -451,6 +489,25 @@ class PanopticPostProcessor:
     """
 
     checks_values_in_merge = False
+    #: How the meta-architecture brings the decoder's masks to the output size (module docstring).
+    masks_to_image = staticmethod(upsample_masks_to_image)
+    #: Largest mask value :meth:`merge` accepts (module docstring).
+    max_mask_value = 1.0
+    #: Score ranking the thing results of the meta-architecture's ``instances`` output.
+    instance_scores = staticmethod(mean_mask_instance_scores)
+    #: Whether :meth:`merge` reads ``mask_logits``; when False the caller may pass None (it then keeps no
+    #: second full-resolution copy of the masks).
+    reads_mask_logits = False
+
+    def read_queries(self, class_probs: torch.Tensor, labels: torch.Tensor, is_thing: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the queries whose masks :meth:`merge` may read, from their class predictions alone.
+
+        Calling the post-processor with only these queries (in query order) gives the same
+        ``(panoptic_seg, segments_info)``, so the caller need not bring the other masks to full
+        resolution (inference memory grows with the masks read, not with queries x image size).
+        Default: every query.
+        """
+        return torch.ones_like(is_thing)
 
     def __call__(
         self,
@@ -465,7 +522,7 @@ class PanopticPostProcessor:
         with torch.no_grad():
             mask_probs, class_probs, labels, is_thing = check_inputs(
                 mask_probs, class_probs, labels, is_thing, mask_logits, class_distribution,
-                check_values=not self.checks_values_in_merge)
+                check_values=not self.checks_values_in_merge, max_mask_value=self.max_mask_value)
             h, w = mask_probs.shape[1:]
             if mask_probs.shape[0] == 0:
                 return torch.zeros((h, w), dtype=torch.int32, device=mask_probs.device), []

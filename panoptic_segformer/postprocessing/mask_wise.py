@@ -66,21 +66,38 @@ def _check_params(alpha, beta, mask_threshold, conf_threshold, keep_threshold):
             as_thing_stuff_pair(keep_threshold, "keep_threshold"))
 
 
+def _may_pass(class_probs, conf, alpha, max_mask_value) -> torch.Tensor:
+    """(N,) bool: masks that can reach their confidence threshold ``conf`` (N,) float64.
+
+    Exact pruning: the mask average is <= 1, so s_i <= p_i^alpha, and a mask with p_i^alpha < t_cnf is
+    skipped whatever it holds -- it is never read (like DETR's and MaskFormer's class-probability
+    filters, but without changing the result). Masks that may exceed 1 have no such bound: every mask
+    may pass.
+    """
+    if max_mask_value <= 1.0:
+        return class_probs.double().pow(alpha) >= conf
+    return torch.ones(class_probs.shape, dtype=torch.bool, device=class_probs.device)
+
+
+def _per_query(is_thing, pair) -> torch.Tensor:
+    """(N,) float64: ``pair[0]`` for things, ``pair[1]`` for stuff."""
+    return torch.full(is_thing.shape, pair[1], dtype=torch.float64, device=is_thing.device).masked_fill_(
+        is_thing, pair[0])
+
+
 def _mask_wise_merge(mask_probs, class_probs, labels, is_thing, alpha, beta, mask_threshold,
-                     conf_threshold, keep_threshold) -> Tuple[torch.Tensor, SegmentsInfo]:
+                     conf_threshold, keep_threshold, score_fn=mask_confidence_scores,
+                     max_mask_value=1.0) -> Tuple[torch.Tensor, SegmentsInfo]:
     """Algorithm 1 on inputs of checked shapes/dtypes and N >= 1; value ranges are checked here
-    on everything read. Thresholds are already normalized to (thing, stuff) pairs."""
+    on everything read. Thresholds are already normalized to (thing, stuff) pairs.
+
+    ``score_fn(class_probs, areas, prob_sums, alpha, beta)`` ranks the masks (Eq. 6 by default;
+    the "official" method passes its own score and ``max_mask_value`` inf for unclamped masks)."""
     n, h, w = mask_probs.shape
     device = mask_probs.device
     # Per-mask (thing, stuff) thresholds, float64 so that e.g. 0.3 is compared exactly as given.
-    conf = torch.full((n,), conf_threshold[1], dtype=torch.float64, device=device).masked_fill_(
-        is_thing, conf_threshold[0])
-    keep = torch.full((n,), keep_threshold[1], dtype=torch.float64, device=device).masked_fill_(
-        is_thing, keep_threshold[0])
-    # Exact pruning: the mask average is <= 1, so s_i <= p_i^alpha, and a mask with
-    # p_i^alpha < t_cnf is skipped whatever it holds -- it is never read (like DETR's and
-    # MaskFormer's class-probability filters, but without changing the result).
-    maybe = class_probs.double().pow(alpha) >= conf
+    conf, keep = _per_query(is_thing, conf_threshold), _per_query(is_thing, keep_threshold)
+    maybe = _may_pass(class_probs, conf, alpha, max_mask_value)
     host = torch.cat([value_ranges(None, class_probs, labels), maybe.double()]).tolist()  # sync 1
     raise_on_bad_values(host[:5])
     read = [q for q in range(n) if host[5 + q]]
@@ -89,14 +106,14 @@ def _mask_wise_merge(mask_probs, class_probs, labels, is_thing, alpha, beta, mas
     read_t = torch.as_tensor(read, dtype=torch.long, device=device)
 
     areas, prob_sums, bands, mask_range = binary_mask_stats(mask_probs, mask_threshold, read)
-    scores = mask_confidence_scores(class_probs[read_t], areas, prob_sums, alpha, beta)
+    scores = score_fn(class_probs[read_t], areas, prob_sums, alpha, beta)
     # Descending confidence; stable, and `read` is in query order, so ties keep query order.
     order = torch.sort(scores, descending=True, stable=True).indices
     valid = (scores >= conf[read_t]) & (areas > 0)
     rows = torch.stack([read_t[order].double(), valid[order].double(), areas[order].double(),
                         keep[read_t][order], bands[order, 0].double(), bands[order, 1].double()], dim=1)
     host = torch.cat([value_ranges(mask_range, class_probs, labels), rows.flatten()]).tolist()  # sync 2
-    raise_on_bad_values(host[:5])
+    raise_on_bad_values(host[:5], max_mask_value)
     rows = [host[5 + 6 * i: 11 + 6 * i] for i in range(len(read))]
     rows = [r for r in rows if r[1] > 0]
     candidates = [int(r[0]) for r in rows]
@@ -186,6 +203,10 @@ class MaskWiseMerging(PanopticPostProcessor):
     ):
         (self.alpha, self.beta, self.mask_threshold, self.conf_threshold,
          self.keep_threshold) = _check_params(alpha, beta, mask_threshold, conf_threshold, keep_threshold)
+
+    def read_queries(self, class_probs, labels, is_thing):
+        """Masks that can reach t_cnf (the exact pruning of :func:`_may_pass`)."""
+        return _may_pass(class_probs, _per_query(is_thing, self.conf_threshold), self.alpha, self.max_mask_value)
 
     def merge(self, mask_probs, class_probs, labels, is_thing, mask_logits=None,
               class_distribution: Optional[torch.Tensor] = None):

@@ -65,12 +65,16 @@ class PixelArgmax(PanopticPostProcessor):
         self.area_threshold = int(area_threshold)
 
     checks_values_in_merge = True  # only the kept queries' masks are read and checked
+    reads_mask_logits = True
+
+    def read_queries(self, class_probs, labels, is_thing):
+        return class_probs > self.threshold
 
     def merge(self, mask_probs, class_probs, labels, is_thing, mask_logits=None,
               class_distribution: Optional[torch.Tensor] = None):
         maps = mask_logits if mask_logits is not None else mask_probs
         h, w = mask_probs.shape[1:]
-        candidates = _indices(class_probs > self.threshold)
+        candidates = _indices(self.read_queries(class_probs, labels, is_thing))
         check_values_of(mask_probs, candidates, class_probs, labels)
         # One host read of the classes (for grouping).
         host = torch.stack([labels, is_thing.long()]).tolist()
@@ -114,9 +118,12 @@ class PixelArgmaxProb(PanopticPostProcessor):
 
     checks_values_in_merge = True  # only the kept queries' masks are read and checked
 
+    def read_queries(self, class_probs, labels, is_thing):
+        return class_probs > self.object_mask_threshold
+
     def merge(self, mask_probs, class_probs, labels, is_thing, mask_logits=None,
               class_distribution: Optional[torch.Tensor] = None):
-        candidates = _indices(class_probs > self.object_mask_threshold)
+        candidates = _indices(self.read_queries(class_probs, labels, is_thing))
         check_values_of(mask_probs, candidates, class_probs, labels)
         h, w = mask_probs.shape[1:]
         if not candidates:
@@ -168,13 +175,16 @@ class HeuristicMerging(PanopticPostProcessor):
             raise ValueError(f"stuff_area_limit must be an integer >= 0, got {stuff_area_limit!r}")
         self.stuff_area_limit = int(stuff_area_limit)
 
+    def read_queries(self, class_probs, labels, is_thing):
+        return torch.where(is_thing, class_probs >= self.thing_threshold, class_probs >= self.stuff_threshold)
+
     def merge(self, mask_probs, class_probs, labels, is_thing, mask_logits=None,
               class_distribution: Optional[torch.Tensor] = None):
         h, w = mask_probs.shape[1:]
         device = mask_probs.device
         order = torch.sort(class_probs, descending=True, stable=True).indices
-        thing_o = is_thing[order] & (class_probs[order] >= self.thing_threshold)
-        stuff_o = ~is_thing[order] & (class_probs[order] >= self.stuff_threshold)
+        read = self.read_queries(class_probs, labels, is_thing)[order]
+        thing_o, stuff_o = is_thing[order] & read, ~is_thing[order] & read
         host = torch.stack([order, thing_o.long(), stuff_o.long()], dim=1).tolist()  # sync
         things = [q for q, t, _ in host if t]  # by descending class probability
         stuff = [q for q, _, st in host if st]

@@ -28,8 +28,13 @@ arguments and whose instances are called with the common signature (see
     panoptic_seg, segments_info = obj(mask_probs, class_probs, labels, is_thing,
                                       mask_logits=None, class_distribution=None)
 
+Optional members (``masks_to_image``, ``max_mask_value``, ``instance_scores``) tell the
+meta-architecture how to prepare the inputs and rank its ``instances`` output; see
+``panoptic_segformer.postprocessing.common``.
+
 Built-in names: "mask_wise" (Sec. 3.5, Algorithm 1), "pixel_argmax" (DETR), "pixel_argmax_prob"
-(MaskFormer's p*) and "heuristic" (Kirillov et al.). Register a class under its class name with
+(MaskFormer's p*), "heuristic" (Kirillov et al.) and "official" (the official code's inference, for
+converted official checkpoints). Register a class under its class name with
 ``@POSTPROCESSOR_REGISTRY.register()`` or under any name with ``@register_postprocessor("name")``.
 """
 

@@ -1,4 +1,4 @@
 """Small shared helpers."""
-from .mask_ops import masks_to_boxes
+from .mask_ops import image_cells, masks_to_boxes, resize_masks_to_image, upsample_masks_to_image
 
-__all__ = ["masks_to_boxes"]
+__all__ = ["image_cells", "masks_to_boxes", "resize_masks_to_image", "upsample_masks_to_image"]

@@ -1,7 +1,64 @@
 """Mask helpers shared by the mapper-side targets and the model's outputs."""
-import torch
+from typing import Tuple
 
-__all__ = ["masks_to_boxes"]
+import torch
+import torch.nn.functional as F
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+__all__ = ["image_cells", "masks_to_boxes", "resize_masks_to_image", "upsample_masks_to_image"]
+
+
+def image_cells(masks: torch.Tensor, image_size: Tuple[int, int], stride: int) -> torch.Tensor:
+    """The cells of a (Q, h, w) map at ``1/stride`` of the padded input that cover one image.
+
+    The map's grid is aligned with the padded input's top-left corner, cell (i, j) covering input
+    pixels ``[stride*i, stride*(i+1)) x [stride*j, stride*(j+1))``; an image of H x W pixels is
+    covered by its first ``ceil(H / stride) x ceil(W / stride)`` cells (all of them without
+    padding: a stride-2 convolution with "same" padding outputs ``ceil(size / 2)``).
+    Returns a view (Q, ceil(H / stride), ceil(W / stride)); raises ValueError if the map is smaller.
+    """
+    if int(stride) != stride or stride < 1:
+        raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
+    stride = int(stride)
+    vh, vw = -(-int(image_size[0]) // stride), -(-int(image_size[1]) // stride)
+    if vh > masks.shape[-2] or vw > masks.shape[-1]:
+        raise ValueError(f"a {tuple(masks.shape[-2:])} map at 1/{stride} cannot cover an image of "
+                         f"{tuple(image_size)} pixels (needs {vh}x{vw} cells)")
+    return masks[..., :vh, :vw]
+
+
+def upsample_masks_to_image(masks: torch.Tensor, image_size: Tuple[int, int], stride: int,
+                            output_size: Tuple[int, int]) -> torch.Tensor:
+    """(Q, h, w) masks at ``1/stride`` of the padded input -> (Q, H_out, W_out), Detectron2's way.
+
+    Only the image's own cells (:func:`image_cells`) are upsampled by ``stride`` (bilinear,
+    ``align_corners=False``) to the input resolution, so neither padding nor a larger batch partner
+    leaks into the image's border; Detectron2's ``sem_seg_postprocess`` then crops the result to the
+    image's ``image_size`` pixels and resizes it to ``output_size``.
+    Right for any ``INPUT.SIZE_DIVISIBILITY``: the geometry comes from ``stride``, not from the
+    ratio of the padded size to the map size.
+    """
+    cells = image_cells(masks, image_size, stride)
+    vh, vw = cells.shape[-2:]
+    up = F.interpolate(cells[None], size=(vh * stride, vw * stride), mode="bilinear",
+                       align_corners=False)[0]
+    return sem_seg_postprocess(up, image_size, *output_size)
+
+
+def resize_masks_to_image(masks: torch.Tensor, image_size: Tuple[int, int], stride: int,
+                          output_size: Tuple[int, int]) -> torch.Tensor:
+    """(Q, h, w) masks at ``1/stride`` of the padded input -> (Q, H_out, W_out), the official code's way.
+
+    The image's own cells (:func:`image_cells`; without padding, the whole map) are resized in ONE
+    bilinear step (``align_corners=False``) straight to ``output_size``, as the official head's
+    ``F.interpolate(mask_pred, size=ori_shape[:2], mode='bilinear')`` (zhiqi-li/Panoptic-SegFormer,
+    ``easymd/models/panformer/panformer_head.py``, ``get_bboxes``). Unlike
+    :func:`upsample_masks_to_image`, the map's last cells are stretched over the image when its size
+    is not a multiple of ``stride`` (the official geometry).
+    """
+    cells = image_cells(masks, image_size, stride)
+    return F.interpolate(cells[None], size=tuple(int(s) for s in output_size), mode="bilinear",
+                         align_corners=False)[0]
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,11 @@ Config setup at random initialisation (nothing is downloaded), test inputs from 
 machine description and markdown tables.
 """
 import contextlib
+import copy
+import json
 import os
 import platform
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -76,6 +79,38 @@ def load_test_inputs(cfg, num_images: int = 2, dataset: str = "coco_panoptic_sam
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
     mapper = PanopticSegFormerDatasetMapper(cfg, is_train=False)
     return [mapper(d) for d in dicts[:num_images]]
+
+
+def first_images_dataset(name: str, num_images: int) -> str:
+    """A registered panoptic dataset of the first ``num_images`` images of ``name``: same metadata, with
+    a ground-truth JSON of just those images (in a temporary folder), so that Detectron2's
+    COCOPanopticEvaluator scores exactly them. Returns its name, or ``name`` if it has no more images.
+    Registered once per process and reused."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    subset = f"{name}_first{num_images}"
+    if subset in DatasetCatalog.list():
+        return subset
+    dicts = DatasetCatalog.get(name)
+    if num_images >= len(dicts):
+        return name
+    meta = MetadataCatalog.get(name)
+    if not hasattr(meta, "panoptic_json"):
+        raise ValueError(f"dataset {name!r} has no panoptic_json metadata: cannot take its first {num_images} images")
+    with open(meta.panoptic_json) as f:
+        gt = json.load(f)
+    dicts = dicts[:num_images]
+    keep = {str(d["image_id"]) for d in dicts}
+    gt["images"] = [im for im in gt["images"] if str(im["id"]) in keep]
+    gt["annotations"] = [a for a in gt["annotations"] if str(a["image_id"]) in keep]
+    path = os.path.join(tempfile.mkdtemp(prefix="psf-subset-"), f"{subset}.json")
+    with open(path, "w") as f:
+        json.dump(gt, f)
+    DatasetCatalog.register(subset, lambda: copy.deepcopy(dicts))
+    fields = {k: v for k, v in meta.as_dict().items() if k != "name"}
+    fields["panoptic_json"] = path
+    MetadataCatalog.get(subset).set(**fields)
+    return subset
 
 
 def autocast(device: torch.device, dtype_name: str):

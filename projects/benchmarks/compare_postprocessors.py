@@ -13,7 +13,8 @@ inputs as in training-time evaluation), and each post-processor's outputs feed i
 ``COCOPanopticEvaluator``. The post-processor named by ``MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR``
 is the model's own (with the config's thresholds); the others use their constructors' defaults
 (the values of their original papers). Prints a Table-7-style markdown table: PQ, SQ, RQ, PQ^th,
-PQ^st and the mean time of one merge call (ms per image, CUDA-synchronised on GPU).
+PQ^st and the mean time of one merge call (ms per image, CUDA-synchronised on GPU). A tqdm bar on
+stderr shows the progress over the images.
 """
 import argparse
 import logging
@@ -23,16 +24,20 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+import tqdm
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOPanopticEvaluator
 from detectron2.modeling import build_model
 
 from panoptic_segformer import PanopticSegFormerDatasetMapper
+from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.postprocessing import build_postprocessor, registered_postprocessors
 
-__all__ = ["TimedPostProcessor", "predict_with_postprocessors", "compare_postprocessors", "format_table", "main"]
+from .bench_utils import first_images_dataset
+
+__all__ = ["TimedPostProcessor", "predict_with_postprocessors", "compare_postprocessors", "format_table",
+           "load_model", "main"]
 
 logger = logging.getLogger("panoptic_segformer_benchmarks")
 
@@ -46,6 +51,11 @@ class TimedPostProcessor:
     def __init__(self, postprocessor):
         self.postprocessor = postprocessor
         self.times_ms: List[float] = []
+
+    def __getattr__(self, name):  # the wrapped post-processor's members (masks_to_image, ...)
+        if "postprocessor" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["postprocessor"], name)
 
     def __call__(self, mask_probs, *args, **kwargs):
         cuda = mask_probs.is_cuda
@@ -89,7 +99,7 @@ def compare_postprocessors(cfg, model, dataset_name: str, names: Sequence[str],
         cfg: the config the model was built from (test-time input size, data loader).
         model: a PanopticSegFormer in eval mode.
         names: registered post-processor names; ``cfg``'s TEST.POSTPROCESSOR uses ``model``'s own.
-        max_images: stop after this many images (default: the whole dataset).
+        max_images: only the first this many images, scored against their own ground truth (default: all).
 
     Returns:
         {name: {"PQ", "SQ", "RQ", "PQ_th", "PQ_st" (percent), "merge_ms" (mean per image),
@@ -97,6 +107,8 @@ def compare_postprocessors(cfg, model, dataset_name: str, names: Sequence[str],
     """
     if not model.panoptic_on:
         raise ValueError("MODEL.PANOPTIC_SEGFORMER.TEST.PANOPTIC_ON must be True")
+    if max_images is not None:  # the evaluators score exactly the images seen
+        dataset_name = first_images_dataset(dataset_name, max_images)
     own = cfg.MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR
     timed = OrderedDict(
         (name, TimedPostProcessor(model.postprocessor if name == own else build_postprocessor(name)))
@@ -107,12 +119,14 @@ def compare_postprocessors(cfg, model, dataset_name: str, names: Sequence[str],
     loader = build_detection_test_loader(
         cfg, dataset_name, mapper=PanopticSegFormerDatasetMapper(cfg, is_train=False))
     count = 0
-    for inputs in loader:
-        if max_images is not None and count >= max_images:
-            break
-        for name, results in predict_with_postprocessors(model, inputs, timed).items():
-            evaluators[name].process(inputs, results)
-        count += len(inputs)
+    with tqdm.tqdm(total=len(loader.dataset), desc=dataset_name, unit="img") as progress:
+        for inputs in loader:
+            if max_images is not None and count >= max_images:
+                break
+            for name, results in predict_with_postprocessors(model, inputs, timed).items():
+                evaluators[name].process(inputs, results)
+            count += len(inputs)
+            progress.update(len(inputs))
     if count == 0:
         raise ValueError(f"dataset {dataset_name!r} has no image")
     table = OrderedDict()
@@ -162,6 +176,16 @@ def comparison_cfg(args):
     return cfg
 
 
+def load_model(cfg):
+    """The config's model with MODEL.WEIGHTS loaded (a warning if empty), in eval mode."""
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        PanopticSegFormerCheckpointer.from_config(model, cfg).load(cfg.MODEL.WEIGHTS)
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: scoring a randomly initialised model")
+    return model.eval()
+
+
 def main(argv=None):
     """Parse ``argv``, run the comparison, print the table; returns the table dict."""
     args = get_parser().parse_args(argv)
@@ -170,12 +194,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown post-processor(s) {unknown}; registered: {registered_postprocessors()}")
     cfg = comparison_cfg(args)
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: scoring a randomly initialised model")
-    model.eval()
+    model = load_model(cfg)
     dataset = cfg.DATASETS.TEST[0]
     table = compare_postprocessors(cfg, model, dataset, names, args.max_images)
     n = next(iter(table.values()))["images"]

@@ -16,6 +16,7 @@ of medians (ms) on CPU and, when available, CUDA.
 """
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -101,7 +102,7 @@ def timed(fn, repeats, device):
     return statistics.median(times), out
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1333)
@@ -111,7 +112,8 @@ def main():
     parser.add_argument("--loop-repeats", type=int, default=2, help="repeats of the slow numpy loop")
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also write the times (ms) to this JSON file")
+    args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -122,6 +124,7 @@ def main():
                if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     rows = {}
     info = {}
+    identity = "not checked (no CPU run)"
     for device in devices:
         m, lg, p, lb, th = (t.to(device) for t in (masks, logits, class_probs, labels, is_thing))
         postprocessors = {name: build_postprocessor(name) for name in
@@ -148,14 +151,14 @@ def main():
             if not identical or score_diff > 1e-6:
                 raise SystemExit(
                     f"vectorized and loop mask-wise merging differ (score diff {score_diff:.1e})")
+            identity = f"identical panoptic_seg and segments (scores to {score_diff:.1e} relative)"
 
     cpu_name = platform.processor() or platform.machine()
     print(f"{n} masks at {args.height}x{args.width}; CPU: {torch.get_num_threads()} torch threads "
           f"({cpu_name}); CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'n/a'}; "
           f"median of {args.repeats} (numpy loop: {args.loop_repeats}) run(s); torch {torch.__version__}")
     print("segments: " + ", ".join(f"{k} {v}" for k, v in info.items())
-          + "; vectorized == loop mask-wise result: identical panoptic_seg and segments "
-          + f"(scores to {score_diff:.1e} relative)")
+          + f"; vectorized == loop mask-wise result: {identity}")
     print()
     header = "| method | " + " | ".join(f"{d.type.upper()} ms" for d in devices) + " |"
     print(header)
@@ -163,6 +166,12 @@ def main():
     for name, times in rows.items():
         cells = " | ".join(f"{times[d.type]:.1f}" if d.type in times else "-" for d in devices)
         print(f"| {name} | {cells} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"masks": n, "height": args.height, "width": args.width, "repeats": args.repeats,
+                       "segments": info, "vectorized_vs_loop": identity, "median_ms": rows,
+                       "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

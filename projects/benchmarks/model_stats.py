@@ -390,9 +390,9 @@ def parse_args(argv=None):
 def _build(cfg, weights):
     model = bench_utils.build_model(cfg)
     if weights:
-        from detectron2.checkpoint import DetectionCheckpointer
+        from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 
-        DetectionCheckpointer(model).load(weights)
+        PanopticSegFormerCheckpointer.from_config(model, cfg).load(weights)
     return model
 
 

@@ -17,6 +17,7 @@ Without a CUDA device the default mode prints that it needs a GPU and exits 0.
 """
 
 import argparse
+import json
 import math
 import platform
 import statistics
@@ -140,6 +141,7 @@ def main(argv=None):
     parser.add_argument("--points", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 CUDA, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default 5 CUDA, 1 CPU)")
+    parser.add_argument("--json", default=None, help="also write the timings and errors to this JSON file")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -165,7 +167,7 @@ def main(argv=None):
     print()
     print("| dtype | impl | fwd (ms) | fwd+bwd (ms) | speed-up fwd+bwd | peak mem fwd+bwd (MiB) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
-    checks = []
+    checks, rows = [], []
     for name in dtype_names:
         dtype = DTYPES[name.strip()]
         inputs = encoder_inputs(levels, args.batch, args.heads, args.dim, args.points, dtype, device)
@@ -180,6 +182,8 @@ def main(argv=None):
         for impl, (fwd, fwd_bwd, peak) in timings.items():
             mem = "-" if math.isnan(peak) else f"{peak:.0f}"
             print(f"| {label} | {impl} | {fwd:.2f} | {fwd_bwd:.2f} | {base / fwd_bwd:.2f}x | {mem} |")
+            rows.append({"dtype": name, "impl": impl, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+                         "speedup_fwd_bwd": base / fwd_bwd, "peak_mib": None if math.isnan(peak) else peak})
         for impl in impls:
             checks.append((label, impl, max_errors(inputs, grad_out, impl)))
         del inputs, grad_out
@@ -194,6 +198,14 @@ def main(argv=None):
         out_err, value_err, loc_err, weight_err, loc_p999 = errs
         print(f"| {label} | {impl} | {out_err:.2g} | {value_err:.2g} | {loc_err:.2g} | {loc_p999:.2g} | "
               f"{weight_err:.2g} |")
+    if args.json:
+        keys = ("out", "d_value", "d_locations_max", "d_weights", "d_locations_p999")
+        with open(args.json, "w") as f:
+            json.dump({"levels": levels, "device": f"{device.type} ({dev_name})", "torch": torch.__version__,
+                       "repeats": repeats, "warmup": warmup, "timings": rows,
+                       "max_abs_errors": [{"dtype": label, "impl": impl, **dict(zip(keys, errs))}
+                                          for label, impl, errs in checks]}, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 

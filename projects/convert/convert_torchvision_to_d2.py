@@ -27,6 +27,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from panoptic_segformer.checkpoint import checkpoint_load_error
+
 __all__ = ["torchvision_resnet_key_to_d2", "convert_torchvision_resnet", "main"]
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -89,7 +91,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--verbose", action="store_true", help="print every renamed key")
     args = parser.parse_args(argv)
 
-    state_dict = torch.load(args.input, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(args.input, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # the unpickler raises anything from KeyError to IndexError
+        raise checkpoint_load_error(args.input, e, "torchvision ResNet checkpoint") from e
     converted = convert_torchvision_resnet(state_dict, source=args.input)
     if args.verbose:
         for old, new in zip(state_dict, converted["model"]):

@@ -9,8 +9,9 @@ decoder's attention maps of each detected segment (paper Sec. 3.3.3, Fig. 6 and 
 
 Images are read with the package's ``read_image_rgb`` (grayscale, palette, RGBA, CMYK and 16-bit
 files are converted; missing, unreadable, truncated or too small files raise a ``DatasetError``
-naming the file), fed to Detectron2's ``DefaultPredictor`` unchanged (it resizes to
-``INPUT.MIN/MAX_SIZE_TEST`` and converts to ``INPUT.FORMAT``), and drawn with
+naming the file), fed to ``PanopticSegFormerPredictor`` (Detectron2's ``DefaultPredictor``, which
+resizes to ``INPUT.MIN/MAX_SIZE_TEST`` and converts to ``INPUT.FORMAT``, plus clear errors for bad
+arrays and mismatched weights), and drawn with
 ``Visualizer.draw_panoptic_seg`` using the metadata of ``DATASETS.TEST[0]``. A file that cannot be
 read is logged with its path and skipped; the exit status is 1 if any input failed.
 
@@ -35,6 +36,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
+from panoptic_segformer import PanopticSegFormerPredictor
 from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.data.dataset_mapper import DatasetError, read_image_rgb
 
@@ -192,13 +194,29 @@ class QueryTracer:
     def __init__(self, postprocessor):
         self.postprocessor = postprocessor
         self.segment_queries: List[Dict[int, List[int]]] = []
+        self._read: List[List[int]] = []  # per call: the query index of each input (read_queries)
+
+    def __getattr__(self, name):  # the wrapped post-processor's members (masks_to_image, ...)
+        if "postprocessor" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["postprocessor"], name)
+
+    def read_queries(self, class_probs, labels, is_thing):
+        """The wrapped post-processor's queries (the model then passes only those); remembered so that
+        traced segments name the model's query indices."""
+        read = getattr(self.postprocessor, "read_queries", None)
+        mask = read(class_probs, labels, is_thing) if read else torch.ones_like(is_thing)
+        self._read.append(mask.nonzero().flatten().tolist())
+        return mask
 
     def __call__(self, mask_probs, class_probs, labels, is_thing, mask_logits=None, class_distribution=None):
         out = self.postprocessor(mask_probs, class_probs, labels, is_thing, mask_logits=mask_logits,
                                  class_distribution=class_distribution)
-        self.segment_queries.append(trace_segment_queries(
+        traced = trace_segment_queries(
             self.postprocessor, out[0], out[1], mask_probs, class_probs, labels, is_thing,
-            mask_logits=mask_logits, class_distribution=class_distribution))
+            mask_logits=mask_logits, class_distribution=class_distribution)
+        index = self._read.pop(0) if self._read else list(range(labels.shape[0]))
+        self.segment_queries.append({seg: [index[q] for q in queries] for seg, queries in traced.items()})
         return out
 
 
@@ -396,7 +414,7 @@ def main(argv=None) -> int:
         raise SystemExit("give --input files or --video-input")
     cfg = demo_cfg(args)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    predictor = DefaultPredictor(cfg)
+    predictor = PanopticSegFormerPredictor(cfg)
     failures = []
     if files:
         _, failures = _run_images(args, cfg, predictor, metadata, files)

@@ -217,7 +217,10 @@ def download_fallback_sdist(workdir):
     return path
 
 
-def install_fallback(workdir):
+def stage_fallback(workdir, requires=FALLBACK_INSTALL_REQUIRES):
+    """Unpack the checked sdist into ``workdir/stage``: the Detectron2 sources unchanged, the ``_C``
+    placeholder and a pure-Python ``setup.py`` (``install_requires=requires``). Returns that folder,
+    which ``pip install`` installs and ``pip wheel`` turns into a wheel (projects/setup/gpu_wheels.py)."""
     with tarfile.open(download_fallback_sdist(workdir)) as tar:
         tar.extractall(workdir, filter="data")
     src = os.path.join(workdir, "pb1-detectron2-0.6")
@@ -232,7 +235,12 @@ def install_fallback(workdir):
     with open(c_path, "w") as f:
         f.write(PLACEHOLDER_C)
     with open(os.path.join(stage, "setup.py"), "w") as f:
-        f.write(SETUP_PY.format(projects=PROJECTS, requires=FALLBACK_INSTALL_REQUIRES))
+        f.write(SETUP_PY.format(projects=PROJECTS, requires=list(requires)))
+    return stage
+
+
+def install_fallback(workdir):
+    stage = stage_fallback(workdir)
     _install_replacing(stage)
     return f"registry fallback {FALLBACK_REQUIREMENT} (pure Python, C++ ops not built)"
 
