@@ -20,6 +20,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 
 import train_net
+from panoptic_segformer.engine import Trainer
 from conftest import REPO_ROOT, small_cfg
 from gloo_workers import GlooWorkers
 
@@ -92,7 +93,7 @@ def test_same_global_batch_gives_same_first_losses_on_one_and_two_processes(work
 
     cfg = small_cfg(*opts, "OUTPUT_DIR", str(tmp_path / "one"))
     seed_all_rng(cfg.SEED)  # as default_setup does for rank 0 (seed + rank)
-    trainer = train_net.Trainer(cfg)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     one = _metrics(tmp_path / "one")[-1]
@@ -138,7 +139,7 @@ def _tiny_variant_cfg(name, output_dir):
 
 
 def _train_variants(names, output_dir):
-    """Train each variant 2 iterations with train_net's Trainer (DDP); DDP without
+    """Train each variant 2 iterations with the project's Trainer (DDP); DDP without
     find_unused_parameters fails the 2nd iteration if a parameter got no gradient in the 1st."""
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
@@ -148,7 +149,7 @@ def _train_variants(names, output_dir):
     for name in names:
         cfg = _tiny_variant_cfg(name, os.path.join(output_dir, name))
         seed_all_rng(cfg.SEED + comm.get_rank())
-        trainer = train_net.Trainer(cfg)
+        trainer = Trainer(cfg)
         assert isinstance(trainer.model, DistributedDataParallel), type(trainer.model)
         trainer.resume_or_load(resume=False)
         trainer.train()
@@ -174,7 +175,7 @@ def test_every_paper_variant_trains_two_iterations_under_ddp(workers, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A 2-process run killed after its first checkpoint, resumed with --resume, then evaluated.
 
-MAX_ITER, CHECKPOINT_PERIOD = 8, 3  # checkpoints after iterations 2 and 5, model_final after 7
+MAX_ITER, CHECKPOINT_PERIOD = 5, 2  # checkpoints after iterations 1 and 3, model_final after 4
 PQ_LINE = "copypaste: PQ,SQ,RQ"
 
 
@@ -228,14 +229,14 @@ def _end_of_training_results(output_dir):
 
 def test_killed_two_process_training_resumes_from_its_last_checkpoint(resumed_run):
     killed = resumed_run["killed"]
-    assert killed["checkpoint"] == "model_0000002.pth" and not killed["final_exists"]  # killed mid-way
+    assert killed["checkpoint"] == "model_0000001.pth" and not killed["final_exists"]  # killed mid-way
     log0, _ = resumed_run["logs"]
-    # The checkpoint of iteration 2 is loaded and training continues with iteration 3 ...
-    assert "Starting training from iteration 3" in log0, log0[-3000:]
+    # The checkpoint of iteration 1 is loaded and training continues with iteration 2 ...
+    assert "Starting training from iteration 2" in log0, log0[-3000:]
     out = resumed_run["out"]
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert final["iteration"] == MAX_ITER - 1
-    # ... with the LR schedule and the optimizer where they stopped: AdamW counted all 8 steps.
+    # ... with the LR schedule and the optimizer where they stopped: AdamW counted all 5 steps.
     assert final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == MAX_ITER
     steps = {int(s["step"]) for s in final["trainer"]["_trainer"]["optimizer"]["state"].values()}
     assert steps == {MAX_ITER}
@@ -250,7 +251,7 @@ def test_only_rank_0_writes_checkpoints_and_metrics(resumed_run):
     names = [{os.path.relpath(p, out) for p in killed[r] + resumed[r] if p.startswith(out + os.sep)}
              for r in range(2)]
     rank0, rank1 = names
-    assert {"model_0000002.pth", "model_0000005.pth", "model_final.pth", "last_checkpoint", "metrics.json"} <= rank0
+    assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "last_checkpoint", "metrics.json"} <= rank0
     assert not {n for n in rank1 if n.endswith(".pth") or n in ("last_checkpoint", "metrics.json", "config.yaml")
                 or "tfevents" in n or "predictions" in n}, rank1
     # the end-of-training evaluation is printed once, by rank 0
@@ -292,9 +293,9 @@ def test_two_process_evaluation_equals_one_process_evaluation(workers, resumed_r
     (two, _), _ = workers().run(_main, ["--config-file", SHAPES, "--eval-only"] + _run_opts(tmp_path / "two")
                                 + ["MODEL.WEIGHTS", weights])
     cfg = small_cfg(*_run_opts(tmp_path / "one"), "MODEL.WEIGHTS", weights)
-    model = train_net.Trainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(weights)
-    one = train_net.Trainer.test(cfg, model)
+    one = Trainer.test(cfg, model)
     print("PQ with 1 and 2 processes:", one["panoptic_seg"]["PQ"], two["panoptic_seg"]["PQ"])
     assert two["panoptic_seg"] == one["panoptic_seg"]
     assert _predictions(tmp_path / "two") == _predictions(tmp_path / "one")
@@ -302,7 +303,7 @@ def test_two_process_evaluation_equals_one_process_evaluation(workers, resumed_r
 
 def _build_trainer_error(opts):
     try:
-        train_net.Trainer(small_cfg(*opts))
+        Trainer(small_cfg(*opts))
     except ValueError as e:
         return str(e)
     return None

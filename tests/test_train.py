@@ -1,4 +1,4 @@
-"""End-to-end training through train_net.py's Trainer on CPU: the model learns, runs are
+"""End-to-end training through the project's Trainer (train_net.py's) on CPU: the model learns, runs are
 reproducible, odd inputs train, NaN losses stop training (multi-process runs: test_multiprocess.py)."""
 import json
 import os
@@ -14,11 +14,11 @@ from detectron2.utils.events import EventStorage
 
 from conftest import REPO_ROOT, small_cfg
 from panoptic_segformer.data.datasets.register_shapes import register_shapes_panoptic
-from train_net import Trainer
+from panoptic_segformer.engine import Trainer
 
 
 def _train(cfg):
-    """Train with train_net's Trainer; return it and the final evaluation's panoptic results
+    """Train with the project's Trainer; return it and the final evaluation's panoptic results
     (DefaultTrainer's EvalHook evaluates after the last iteration and logs "panoptic_seg/*")."""
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
