@@ -4,143 +4,24 @@
     python train_net.py --config-file configs/coco/panoptic_segformer_R50_24ep.yaml --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS /path/to/model.pth
     python train_net.py --config-file configs/shapes/panoptic_segformer_shapes.yaml   # CPU, minutes
-"""
-import itertools
-import logging
-import os
 
-import torch
+The command line, the config and the launch of the processes; the Trainer and what it is built from
+live in ``panoptic_segformer/engine.py``.
+"""
+import logging
+
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, verify_results
-from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
-from panoptic_segformer import PanopticSegFormerDatasetMapper, add_panoptic_segformer_config
 from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
-from panoptic_segformer.evaluation import ThingMaskAPEvaluator
-
-_NORM_TYPES = (
-    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
-    torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
-)
-
-
-def build_optimizer_params(cfg, model):
-    """Parameter groups: base LR (x SOLVER.BACKBONE_MULTIPLIER for the backbone, Appendix A.1;
-    x SOLVER.BIAS_LR_FACTOR for biases), weight decay SOLVER.WEIGHT_DECAY (WEIGHT_DECAY_NORM for
-    normalisation layers, WEIGHT_DECAY_BIAS for biases when set)."""
-    from detectron2.layers import FrozenBatchNorm2d
-
-    norm_types = _NORM_TYPES + (FrozenBatchNorm2d,)
-    params, seen = [], set()
-    for module_name, module in model.named_modules():
-        for name, value in module.named_parameters(recurse=False):
-            if not value.requires_grad or value in seen:
-                continue
-            seen.add(value)
-            lr = cfg.SOLVER.BASE_LR
-            weight_decay = cfg.SOLVER.WEIGHT_DECAY
-            if module_name.startswith("backbone"):
-                lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
-            if isinstance(module, norm_types):
-                weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
-            elif name == "bias":
-                lr *= cfg.SOLVER.BIAS_LR_FACTOR
-                if cfg.SOLVER.WEIGHT_DECAY_BIAS is not None:
-                    weight_decay = cfg.SOLVER.WEIGHT_DECAY_BIAS
-            params.append({"params": [value], "lr": lr, "weight_decay": weight_decay})
-    return params
-
-
-def _full_model_clipping(optim_class, max_norm, norm_type):
-    """An optimizer class whose step() first clips the global gradient norm of all parameters
-    together (DETR / Deformable DETR style)."""
-
-    class FullModelGradientClippingOptimizer(optim_class):
-        def step(self, closure=None):
-            all_params = itertools.chain(*[g["params"] for g in self.param_groups])
-            torch.nn.utils.clip_grad_norm_(all_params, max_norm, norm_type)
-            return super().step(closure=closure)
-
-    FullModelGradientClippingOptimizer.__name__ = f"FullModelGradientClipping{optim_class.__name__}"
-    return FullModelGradientClippingOptimizer
-
-
-def build_optimizer(cfg, model):
-    params = build_optimizer_params(cfg, model)
-    name = cfg.SOLVER.OPTIMIZER.upper()
-    if name == "ADAMW":
-        optim_class, kwargs = torch.optim.AdamW, {}
-    elif name == "SGD":
-        optim_class, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
-    else:
-        raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer {cfg.SOLVER.OPTIMIZER!r} (use ADAMW or SGD)")
-    clip = cfg.SOLVER.CLIP_GRADIENTS
-    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
-        return _full_model_clipping(optim_class, clip.CLIP_VALUE, clip.NORM_TYPE)(
-            params, cfg.SOLVER.BASE_LR, **kwargs)
-    if clip.ENABLED and clip.CLIP_TYPE not in ("value", "norm"):
-        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE: unknown value {clip.CLIP_TYPE!r} "
-                         "(use full_model, norm or value)")
-    return maybe_add_gradient_clipping(cfg, optim_class)(params, cfg.SOLVER.BASE_LR, **kwargs)
-
-
-def build_evaluator(cfg, dataset_name, output_folder=None):
-    """COCOPanopticEvaluator for panoptic datasets, plus COCOEvaluator (mask AP) when the dataset has
-    instance annotations (metadata `json_file`) and the model outputs instances."""
-    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-    meta = MetadataCatalog.get(dataset_name)
-    evaluators = []
-    if getattr(meta, "evaluator_type", None) == "coco_panoptic_seg" and cfg.MODEL.PANOPTIC_SEGFORMER.TEST.PANOPTIC_ON:
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
-    if getattr(meta, "json_file", None) and cfg.MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON:
-        evaluators.append(ThingMaskAPEvaluator(dataset_name, output_dir=output_folder))
-    if not evaluators:
-        raise ValueError(f"no evaluator for dataset {dataset_name!r} "
-                         f"(evaluator_type={getattr(meta, 'evaluator_type', None)!r})")
-    return DatasetEvaluators(evaluators) if len(evaluators) > 1 else evaluators[0]
-
-
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators, optimizer and checkpointer."""
-
-    def build_hooks(self):
-        # DefaultTrainer's checkpointer as a PanopticSegFormerCheckpointer (MODEL.WEIGHTS with class
-        # heads of another dataset is an error unless SKIP_MISMATCHED_CLASS_HEADS), set before the
-        # checkpoint hook takes it.
-        old = self.checkpointer
-        self.checkpointer = PanopticSegFormerCheckpointer.from_config(
-            old.model, self.cfg, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
-        return super().build_hooks()
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=PanopticSegFormerDatasetMapper(cfg, is_train=True))
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=PanopticSegFormerDatasetMapper(cfg, is_train=False))
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_evaluator(cfg, dataset_name, output_folder)
-
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
+from panoptic_segformer.config import setup_cfg
+from panoptic_segformer.engine import Trainer
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="panoptic_segformer")
     return cfg

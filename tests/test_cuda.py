@@ -6,7 +6,7 @@ such test, as projects/benchmarks/gpu_suite.sh does on a GPU machine).
   (25,42), 21950 tokens, 8 heads, 32 channels, 4 points -- forward and backward, in fp32 and bf16.
 * The whole model with the automatic choice (Triton on CUDA) against the same weights on the PyTorch
   path.
-* Detectron2's AMP training (``SOLVER.AMP.ENABLED``, CUDA-only in v0.6) through train_net's Trainer.
+* Detectron2's AMP training (``SOLVER.AMP.ENABLED``, CUDA-only in v0.6) through the project's Trainer.
 """
 import math
 
@@ -118,12 +118,12 @@ def test_model_on_cuda_uses_triton_and_matches_the_pytorch_path():
 
 def test_amp_training_on_cuda_with_detectron2_amp_trainer(tmp_path):
     """SOLVER.AMP.ENABLED: Detectron2's AMPTrainer (fp16 autocast + GradScaler; CUDA-only in v0.6)
-    trains through train_net's Trainer with the Triton kernels and finite losses, then evaluates. 20
+    trains through the project's Trainer with the Triton kernels and finite losses, then evaluates. 20
     iterations: the GradScaler skips the steps whose fp16 gradients overflow while it lowers its
     initial scale (2^16), so the first few may leave the weights unchanged."""
     from detectron2.engine import AMPTrainer
 
-    from train_net import Trainer
+    from panoptic_segformer.engine import Trainer
 
     cfg = small_cfg("MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "20",
                     "OUTPUT_DIR", str(tmp_path))

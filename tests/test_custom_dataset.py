@@ -36,6 +36,7 @@ from panoptic_segformer.data.io import read_panoptic_png
 from panoptic_segformer.data.datasets.builtin import coco_sample_root, register_coco_sample
 from panoptic_segformer.data.datasets.instances_json import panoptic_to_instances_json
 from panoptic_segformer.data.datasets.shapes import generate_shapes_panoptic
+from panoptic_segformer.engine import Trainer
 
 SHAPES_YAML = os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")
 # The shapes categories reordered so that thing and stuff contiguous ids interleave.
@@ -225,7 +226,7 @@ def test_metadata_convention_trains_and_evaluates(convention, user_data, tmp_pat
     assert _ground_truth_pq(name)["PQ"] == pytest.approx(100.0)
     cfg = small_cfg("SOLVER.MAX_ITER", "1", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96",
                     "OUTPUT_DIR", str(tmp_path / "out"), train=(name,), test=(name,))
-    trainer = train_net.Trainer(cfg)
+    trainer = Trainer(cfg)
     assert (trainer.model.thing_ids, trainer.model.stuff_ids) == (THING_IDS, STUFF_IDS)
     trainer.resume_or_load(resume=False)
     trainer.train()  # 1 iteration, then DefaultTrainer's final evaluation

@@ -37,6 +37,9 @@ def _step_and_infer(cfg, batches):
     total = sum(losses.values())
     assert torch.isfinite(total), losses
     total.backward()
+    # DistributedDataParallel (without find_unused_parameters) needs a gradient for every parameter.
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters without a gradient: {no_grad}"
     model.eval()
     with torch.no_grad():
         outputs = model(test)

@@ -1,7 +1,5 @@
-"""End-to-end training through train_net.py's Trainer on CPU: the model learns, runs are
-reproducible, odd inputs train, NaN losses stop training, multi-process training works where the
-installed Detectron2 supports it."""
-import inspect
+"""End-to-end training through the project's Trainer (train_net.py's) on CPU: the model learns, runs are
+reproducible, odd inputs train, NaN losses stop training (multi-process runs: test_multiprocess.py)."""
 import json
 import os
 import subprocess
@@ -16,11 +14,11 @@ from detectron2.utils.events import EventStorage
 
 from conftest import REPO_ROOT, small_cfg
 from panoptic_segformer.data.datasets.register_shapes import register_shapes_panoptic
-from train_net import Trainer
+from panoptic_segformer.engine import Trainer
 
 
 def _train(cfg):
-    """Train with train_net's Trainer; return it and the final evaluation's panoptic results
+    """Train with the project's Trainer; return it and the final evaluation's panoptic results
     (DefaultTrainer's EvalHook evaluates after the last iteration and logs "panoptic_seg/*")."""
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
@@ -115,31 +113,6 @@ def test_nan_loss_stops_training_with_floating_point_error(tmp_path):
         trainer.model.mask_decoder.stuff_class_embed[-1].bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"'loss_stuff_cls_1': (np\.float64\()?nan"):
         trainer.train()
-
-
-def _launch_supports_cpu():
-    """Detectron2 v0.6's launch asserts CUDA for more than one process; upstream main uses gloo."""
-    from detectron2.engine import launch as launch_module
-
-    src = inspect.getsource(sys.modules[launch_module.__module__])
-    return "gloo" in src
-
-
-@pytest.mark.skipif(not _launch_supports_cpu(),
-                    reason="the installed Detectron2 (v0.6) launch() needs CUDA for more than one "
-                           "process; upstream main falls back to gloo on CPU")
-def test_two_process_training_on_cpu(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--num-gpus", "2",
-           "--config-file", os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml"),
-           "DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "DATASETS.TEST", "('shapes_panoptic_val_tiny',)",
-           "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2",
-           "SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0",
-           "OUTPUT_DIR", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "PQ" in proc.stdout + proc.stderr
-    assert len(_losses(str(tmp_path))) >= 1
 
 
 def test_train_net_command_line_trains_then_evaluates(tmp_path):

@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 import train_net
 from conftest import REPO_ROOT, small_cfg
 from panoptic_segformer import PanopticSegFormerPredictor
+from panoptic_segformer.engine import Trainer
 from projects.convert import convert_torchvision_to_d2 as convert
 
 SHAPES_YAML = os.path.join(REPO_ROOT, "configs/shapes/panoptic_segformer_shapes.yaml")
@@ -69,9 +70,9 @@ def test_eval_only_with_weights_of_other_classes_is_an_error(tmp_path, coco_weig
 def test_fine_tuning_from_other_classes_is_an_explicit_option(tmp_path, coco_weights):
     cfg = small_cfg("MODEL.WEIGHTS", coco_weights, "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path))
     with pytest.raises(ValueError, match=CLASS_HEAD_MISMATCH):
-        train_net.Trainer(cfg).resume_or_load(resume=False)
+        Trainer(cfg).resume_or_load(resume=False)
     cfg.MODEL.PANOPTIC_SEGFORMER.SKIP_MISMATCHED_CLASS_HEADS = True
-    trainer = train_net.Trainer(cfg)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     saved = torch.load(coco_weights, weights_only=True)["model"]
     loaded = trainer.model.state_dict()
@@ -86,7 +87,7 @@ def test_text_file_as_weights_names_the_file(tmp_path, text_weights):
         _eval_only(tmp_path, "MODEL.WEIGHTS", text_weights)
     cfg = small_cfg("MODEL.WEIGHTS", text_weights, "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path))
     with pytest.raises(ValueError, match=expected):
-        train_net.Trainer(cfg).resume_or_load(resume=False)
+        Trainer(cfg).resume_or_load(resume=False)
 
 
 def test_torchvision_converter_names_a_text_file(tmp_path, text_weights):

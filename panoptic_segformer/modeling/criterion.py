@@ -507,6 +507,18 @@ class PanopticSegFormerCriterion(nn.Module):
                 )
                 if self.num_stuff_classes:  # no stuff queries in the joint-matching baseline
                     losses.update(self._stuff_losses(i, layer, prepared, lam_stuff, num_stuff, num_thing_queries))
+            # Outputs no term supervises (the layers before the last without deep supervision; stuff
+            # logits without stuff queries) join the last term with weight 0: every parameter gets a
+            # gradient, as DistributedDataParallel (without find_unused_parameters) requires.
+            unsupervised = [t for l in range(len(logits_list)) if l not in det_indices
+                            for t in (logits_list[l], boxes_list[l])]
+            unsupervised += [layer[k] for i, layer in enumerate(mask_layers) if i not in mask_ids
+                             for k in ("thing_logits", "stuff_logits", "pred_masks")]
+            if not self.num_stuff_classes:
+                unsupervised += [layer["stuff_logits"] for i, layer in enumerate(mask_layers) if i in mask_ids]
+            if unsupervised:
+                last = f"loss_things_mask_{mask_ids[-1]}"
+                losses[last] = losses[last] + _zero_graph(*unsupervised)
         return losses
 
     def _det_losses(self, l, logits, boxes, indices, prepared, lam_things, num_things) -> Dict[str, Tensor]:

@@ -134,9 +134,12 @@ class LocationDecoder(nn.Module):
 
         # First half of each row is query_pos, second half the query content tgt (Deformable DETR).
         self.query_embed = nn.Embedding(num_queries, 2 * d_model)
-        self.reference_points = nn.Linear(d_model, 2)
-        nn.init.xavier_uniform_(self.reference_points.weight)
-        nn.init.zeros_(self.reference_points.bias)
+        # Reference points are read by the layers only: none without layers (a parameter that never
+        # gets a gradient would also stop DistributedDataParallel).
+        self.reference_points = nn.Linear(d_model, 2) if num_layers > 0 else None
+        if self.reference_points is not None:
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
 
         layer = LocationDecoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points, msda_impl)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
@@ -166,7 +169,7 @@ class LocationDecoder(nn.Module):
                 the valid (unpadded) image; (N, Q, 2) mass centres (cx, cy) when box_free.
             "reference_points": list of num_layers + 1 tensors, the reference points fed to each layer
                 (unscaled, (N, Q, 2) then (N, Q, box_dim)) followed by the final refined ones; all but the
-                first are detached.
+                first are detached. Empty when num_layers == 0.
         """
         levels.check_tokens(memory, "memory", self.d_model)
         if levels.num_levels != self.n_levels:
@@ -175,11 +178,12 @@ class LocationDecoder(nn.Module):
         query_pos, tgt = torch.split(self.query_embed.weight, self.d_model, dim=1)
         query_pos = query_pos.unsqueeze(0).expand(n, -1, -1)
         tgt = tgt.unsqueeze(0).expand(n, -1, -1)
-        reference = self.reference_points(query_pos).sigmoid()  # (N, Q, 2)
-
         pred_logits: List[Tensor] = []
         pred_boxes: List[Tensor] = []
-        references: List[Tensor] = [reference]
+        references: List[Tensor] = []
+        if self.num_layers > 0:
+            reference = self.reference_points(query_pos).sigmoid()  # (N, Q, 2)
+            references.append(reference)
         output = tgt
         for lid, layer in enumerate(self.layers):
             if reference.shape[-1] == 4:

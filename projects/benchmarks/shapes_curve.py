@@ -4,7 +4,7 @@
     python -m projects.benchmarks.shapes_curve --minutes 15 --eval-every 150 --output output/shapes_curve \
         [KEY VALUE ...]
 
-Trains with train_net.py's Trainer on `configs/shapes/panoptic_segformer_shapes.yaml`; every
+Trains with the project's Trainer (``panoptic_segformer.engine``) on `configs/shapes/panoptic_segformer_shapes.yaml`; every
 `--eval-every` iterations it evaluates on `shapes_panoptic_val` (COCOPanopticEvaluator) and records
 (training seconds, iteration, PQ, PQ_th, PQ_st). Evaluation time is not counted as training time.
 Training stops at the first evaluation after the budget is spent (or at SOLVER.MAX_ITER). Writes
@@ -13,7 +13,6 @@ Training stops at the first evaluation after the budget is spent (or at SOLVER.M
 import argparse
 import json
 import os
-import sys
 import time
 
 import matplotlib
@@ -21,15 +20,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
+from panoptic_segformer.config import setup_cfg  # noqa: E402
+from panoptic_segformer.engine import Trainer  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-from panoptic_segformer import add_panoptic_segformer_config  # noqa: E402
-from train_net import Trainer  # noqa: E402
 
 
 class _BudgetSpent(Exception):
@@ -66,20 +64,16 @@ class CurveHook(HookBase):
               f"PQ_th {res['PQ_th']:.1f} PQ_st {res['PQ_st']:.1f}", flush=True)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default=os.path.join(REPO, "configs/shapes/panoptic_segformer_shapes.yaml"))
     parser.add_argument("--minutes", type=float, default=15.0, help="training-time budget")
     parser.add_argument("--eval-every", type=int, default=150)
     parser.add_argument("--output", default="output/shapes_curve")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(["OUTPUT_DIR", args.output, "TEST.EVAL_PERIOD", "0"] + args.opts)
-    cfg.freeze()
+    cfg = setup_cfg(args.config_file, ["OUTPUT_DIR", args.output, "TEST.EVAL_PERIOD", "0"] + args.opts)
     os.makedirs(args.output, exist_ok=True)
     setup_logger(output=args.output)
     seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)

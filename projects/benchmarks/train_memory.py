@@ -5,7 +5,7 @@
         --device cuda [--image-size 800x1333] [--query-filter on,off] [--dtype fp32,fp16] [--json out.json]
 
 One training step = the model's training forward (losses) + backward + the config's optimizer step
-(``train_net.build_optimizer``: AdamW, backbone LR multiplier, full-model gradient clipping). The model
+(``panoptic_segformer.engine.build_optimizer``: AdamW, backbone LR multiplier, full-model gradient clipping). The model
 is at random initialisation (MODEL.WEIGHTS cleared, nothing downloaded). The batch is one synthetic
 image of --image-size (random pixels) with a synthetic panoptic annotation -- --things thing segments
 (random ellipses of random thing classes, later ones on top) over --stuff horizontal stuff bands of
@@ -88,14 +88,14 @@ def measure(args):
     """One variant in this process: returns a dict of results."""
     from detectron2.utils.events import EventStorage
 
-    import train_net
+    from panoptic_segformer.engine import build_optimizer
 
     opts = list(args.opts) + ["MODEL.PANOPTIC_SEGFORMER.QUERY_FILTER.ENABLED", str(args.query_filter == "on")]
     cfg = bench_utils.random_init_cfg(args.config_file, opts, args.device, quiet=True)
     device = torch.device(cfg.MODEL.DEVICE)
     model = bench_utils.build_model(cfg)
     model.train()
-    optimizer = train_net.build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     batch = synthetic_batch(args.image_size[0], args.image_size[1], model.thing_ids, model.stuff_ids,
                             args.things, args.stuff)
     scaler = None

@@ -143,10 +143,13 @@ def _official_inputs(path, norm):
 
 def official_stage(args):
     _install_mmcv_shims()
-    sys.path.insert(0, args.official_src)  # the authors' package `easymd` (not this repository)
     import torch
 
-    import easymd  # noqa: F401  (registers the official modules)
+    try:  # the authors' package, on PYTHONPATH (main() runs this stage with --official-src there)
+        import easymd  # noqa: F401  (registers the official modules)
+    except ImportError as e:
+        raise SystemExit(f"official_parity --stage official: cannot import the authors' package easymd ({e}); "
+                         f"put --official-src ({args.official_src}) on PYTHONPATH") from e
     from mmcv import Config
     from mmdet.models import build_detector
 
@@ -403,7 +406,9 @@ def main(argv=None):
            "--official-src", args.official_src, "--images", args.images, "--work-dir", args.work_dir,
            "--seed", str(args.seed)]
     if not args.reuse_official:
-        subprocess.run(cmd, cwd=REPO_ROOT, check=True)
+        # The authors' package `easymd` comes from --official-src (after this repository, the cwd).
+        path = os.pathsep.join(p for p in (args.official_src, os.environ.get("PYTHONPATH")) if p)
+        subprocess.run(cmd, cwd=REPO_ROOT, check=True, env=dict(os.environ, PYTHONPATH=path))
     reports = compare_stage(args, os.path.join(args.work_dir, "official_r50_random.pth"))
     print(json.dumps(reports, indent=1))
     print(format_report(reports, args.tolerance))

@@ -3,6 +3,9 @@
 
 1. Upstream: if its Git repository answers within ``--timeout`` seconds, build and install
    ``git+https://github.com/facebookresearch/detectron2.git@<ref>`` (the CPU build takes ~1 min).
+   ``--upstream-src`` takes another source: a Git URL, a local Git checkout (installed at ``--ref``
+   through ``git+file://``, so pip records its commit) or a local source directory without Git
+   (installed as it is). A given ``--upstream-src`` implies ``--source upstream``.
 2. Registry fallback (machines that reach only package registries): ``pb1-detectron2==0.6``, whose
    Python files are identical to upstream tag v0.6 but whose sdist lacks ``detectron2/layers/csrc``,
    so a plain ``pip install`` fails. We take its sources unchanged and install them as a
@@ -10,7 +13,11 @@
    ``detectron2/_C.py`` placeholder whose attribute access raises an ImportError naming the C++ op.
    Panoptic SegFormer uses none of Detectron2's C++ ops.
 
-Prints one line ``Installed detectron2 <version> from <source>`` at the end.
+An existing ``detectron2`` is replaced (pip builds the new one first, so a failed build keeps the old
+one). After installing, a fresh interpreter imports ``detectron2`` and must find the one just installed
+(fallback: its ``_C`` placeholder; upstream: compiled ops and the source recorded by pip), else the
+script exits with an error. Prints one line ``Installed detectron2 <version> from <source>`` at the
+end; ``python -m panoptic_segformer.collect_env`` reports the same.
 """
 import argparse
 import glob
@@ -27,6 +34,7 @@ import urllib.parse
 import urllib.request
 
 UPSTREAM_URL = "https://github.com/facebookresearch/detectron2.git"
+DEFAULT_REF = "main"
 FALLBACK_REQUIREMENT = "pb1-detectron2==0.6"
 FALLBACK_SDIST = "pb1-detectron2-0.6.tar.gz"
 FALLBACK_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
@@ -127,9 +135,50 @@ def upstream_reachable(timeout):
         return False
 
 
-def install_upstream(ref):
-    pip("install", "--no-build-isolation", f"git+{UPSTREAM_URL}@{ref}")
-    return f"upstream {UPSTREAM_URL}@{ref}"
+def upstream_requirement(src, ref):
+    """The pip requirement that installs upstream Detectron2 from `src` at `ref`.
+
+    `src` is a Git URL (``https://``, ``ssh://``, ``git@host:...``, ``file://``, ``git+...``), a local
+    Git checkout (installed as ``git+file://<path>@<ref>``, so pip records the commit it built) or a
+    local source directory without Git (installed as it is; `ref` must stay the default)."""
+    if os.path.isdir(src):
+        path = os.path.abspath(src)
+        if not os.path.isfile(os.path.join(path, "setup.py")) or not os.path.isdir(os.path.join(path, "detectron2")):
+            raise SystemExit(f"install_detectron2: --upstream-src {src}: not a Detectron2 source tree "
+                             "(no setup.py and detectron2/ in it)")
+        git_dir = subprocess.run(["git", "-C", path, "rev-parse", "--show-toplevel"],
+                                 capture_output=True, text=True)
+        if git_dir.returncode == 0 and os.path.samefile(git_dir.stdout.strip(), path):
+            return f"git+file://{path}@{ref}"
+        if ref != DEFAULT_REF:
+            raise SystemExit(f"install_detectron2: --ref {ref}: {src} is not a Git checkout, so it is "
+                             "installed as it is; drop --ref or give a Git checkout")
+        return path
+    if "://" in src or src.startswith("git@"):
+        return f"{src if src.startswith('git+') else 'git+' + src}@{ref}"
+    raise SystemExit(f"install_detectron2: --upstream-src {src}: neither a local directory nor a Git URL")
+
+
+def _install_replacing(requirement):
+    """Install `requirement` as `detectron2`, replacing any installed one, then its dependencies.
+
+    ``--force-reinstall --no-deps`` makes pip build first and then replace an installed detectron2
+    even of the same version (upstream and v0.6 both call themselves 0.6; a plain install keeps the
+    old one as "already satisfied"). The dependencies are then installed from the new metadata."""
+    pip("install", "--no-build-isolation", "--force-reinstall", "--no-deps", requirement)
+    out = subprocess.run(
+        [sys.executable, "-c", "import importlib.metadata as m; print('\\n'.join(m.requires('detectron2') or []))"],
+        check=True, capture_output=True, text=True, cwd=tempfile.gettempdir(),
+    )
+    requires = [r for r in out.stdout.splitlines() if r.strip() and "extra ==" not in r]
+    if requires:
+        pip("install", *requires)
+
+
+def install_upstream(src, ref):
+    requirement = upstream_requirement(src, ref)
+    _install_replacing(requirement)
+    return f"upstream {requirement}"
 
 
 def _pip_setting(name, default=None):
@@ -192,31 +241,71 @@ def stage_fallback(workdir, requires=FALLBACK_INSTALL_REQUIRES):
 
 def install_fallback(workdir):
     stage = stage_fallback(workdir)
-    pip("install", "--no-build-isolation", stage)
+    _install_replacing(stage)
     return f"registry fallback {FALLBACK_REQUIREMENT} (pure Python, C++ ops not built)"
 
 
-def main():
+VERIFY = """
+import importlib.metadata, json, sys
+import detectron2
+from detectron2 import _C
+placeholder = bool(getattr(_C, "IS_PLACEHOLDER", False))
+dist = importlib.metadata.distribution("detectron2")
+direct = json.loads(dist.read_text("direct_url.json") or "{}")
+json.dump({"version": detectron2.__version__, "file": detectron2.__file__, "placeholder": placeholder,
+           "dist_version": dist.version, "direct_url": direct}, sys.stdout)
+"""
+
+
+def installed_info():
+    """What a fresh interpreter finds as ``detectron2``: version, file, placeholder _C or not, and the
+    installed distribution's version and pip ``direct_url.json`` (PEP 610)."""
+    out = subprocess.run([sys.executable, "-c", VERIFY], capture_output=True, text=True,
+                         cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        raise SystemExit(f"install_detectron2: the installed detectron2 does not import:\n{out.stderr}")
+    return json.loads(out.stdout)
+
+
+def check_installed(info, upstream):
+    """Exit with an error unless `info` (installed_info) is the Detectron2 just installed: upstream
+    (compiled ops) or the registry fallback (placeholder _C)."""
+    if info["placeholder"] == upstream:
+        expected = "upstream (compiled ops)" if upstream else "the v0.6 registry fallback (placeholder _C)"
+        raise SystemExit(f"install_detectron2: expected {expected}, but `import detectron2` finds "
+                         f"{info['file']} ({'placeholder _C' if info['placeholder'] else 'compiled ops'})")
+    if info["version"] != info["dist_version"]:
+        raise SystemExit(f"install_detectron2: `import detectron2` finds {info['file']} (version "
+                         f"{info['version']}), not the installed distribution (version {info['dist_version']})")
+    return info
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=20.0,
                         help="seconds to wait for the upstream Git repository to answer")
-    parser.add_argument("--ref", default="main", help="upstream Git ref to install")
+    parser.add_argument("--ref", default=DEFAULT_REF, help="upstream Git ref to install")
     parser.add_argument("--source", choices=["auto", "upstream", "fallback"], default="auto")
-    args = parser.parse_args()
+    parser.add_argument("--upstream-src", default=None, metavar="PATH_OR_URL",
+                        help=f"where to get upstream from: a Git URL, a local Git checkout or a local "
+                             f"source directory (default {UPSTREAM_URL}); implies --source upstream")
+    args = parser.parse_args(argv)
+    if args.upstream_src is not None and args.source == "fallback":
+        parser.error("--upstream-src is for --source upstream, not --source fallback")
 
-    use_upstream = args.source == "upstream" or (
+    src = args.upstream_src or UPSTREAM_URL
+    use_upstream = args.upstream_src is not None or args.source == "upstream" or (
         args.source == "auto" and upstream_reachable(args.timeout)
     )
     if args.source == "auto" and not use_upstream:
         print(f"install_detectron2: {UPSTREAM_URL} not reachable within {args.timeout:.0f}s; "
               f"using the registry fallback {FALLBACK_REQUIREMENT}", flush=True)
     with tempfile.TemporaryDirectory(prefix="d2-install-") as workdir:
-        source = install_upstream(args.ref) if use_upstream else install_fallback(workdir)
-    out = subprocess.run(
-        [sys.executable, "-c", "import detectron2, sys; sys.stdout.write(detectron2.__version__)"],
-        check=True, capture_output=True, text=True, cwd=tempfile.gettempdir(),
-    )
-    print(f"Installed detectron2 {out.stdout} from {source}", flush=True)
+        source = install_upstream(src, args.ref) if use_upstream else install_fallback(workdir)
+    info = check_installed(installed_info(), upstream=use_upstream)
+    commit = info["direct_url"].get("vcs_info", {}).get("commit_id")
+    print(f"Installed detectron2 {info['version']} from {source}" + (f" (commit {commit})" if commit else ""),
+          flush=True)
 
 
 if __name__ == "__main__":

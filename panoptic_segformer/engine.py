@@ -1,0 +1,208 @@
+"""Training and evaluation with Detectron2: the project's ``Trainer`` and what it is built from.
+
+``Trainer`` is Detectron2's ``DefaultTrainer`` with this project's dataset mapper, evaluators
+(:func:`build_evaluator`: PQ, plus thing-mask AP, Table 4), optimizer (:func:`build_optimizer`: AdamW,
+backbone LR multiplier, Appendix A.1; full-model gradient clipping), checkpointer
+(:class:`~panoptic_segformer.checkpoint.PanopticSegFormerCheckpointer`) and a DistributedDataParallel
+model that also runs on the CPU (:func:`build_ddp_model`; gloo) with synchronised BatchNorm
+statistics (:func:`check_batch_norm_synchronised`). ``train_net.py`` parses the command line, sets up
+the config and launches the processes; tools under ``projects/`` import from here.
+"""
+import itertools
+import logging
+import os
+import weakref
+
+import torch
+import detectron2.utils.comm as comm
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators
+from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.utils.logger import setup_logger
+
+from .checkpoint import PanopticSegFormerCheckpointer
+from .data import PanopticSegFormerDatasetMapper
+from .evaluation import ThingMaskAPEvaluator
+
+__all__ = ["Trainer", "build_optimizer", "build_optimizer_params", "build_evaluator", "build_ddp_model",
+           "check_batch_norm_synchronised"]
+
+_NORM_TYPES = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+)
+
+
+def build_optimizer_params(cfg, model):
+    """Parameter groups: base LR (x SOLVER.BACKBONE_MULTIPLIER for the backbone, Appendix A.1;
+    x SOLVER.BIAS_LR_FACTOR for biases), weight decay SOLVER.WEIGHT_DECAY (WEIGHT_DECAY_NORM for
+    normalisation layers, WEIGHT_DECAY_BIAS for biases when set)."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    norm_types = _NORM_TYPES + (FrozenBatchNorm2d,)
+    params, seen = [], set()
+    for module_name, module in model.named_modules():
+        for name, value in module.named_parameters(recurse=False):
+            if not value.requires_grad or value in seen:
+                continue
+            seen.add(value)
+            lr = cfg.SOLVER.BASE_LR
+            weight_decay = cfg.SOLVER.WEIGHT_DECAY
+            if module_name.startswith("backbone"):
+                lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
+            if isinstance(module, norm_types):
+                weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
+            elif name == "bias":
+                lr *= cfg.SOLVER.BIAS_LR_FACTOR
+                if cfg.SOLVER.WEIGHT_DECAY_BIAS is not None:
+                    weight_decay = cfg.SOLVER.WEIGHT_DECAY_BIAS
+            params.append({"params": [value], "lr": lr, "weight_decay": weight_decay})
+    return params
+
+
+def _full_model_clipping(optim_class, max_norm, norm_type):
+    """An optimizer class whose step() first clips the global gradient norm of all parameters
+    together (DETR / Deformable DETR style)."""
+
+    class FullModelGradientClippingOptimizer(optim_class):
+        def step(self, closure=None):
+            all_params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(all_params, max_norm, norm_type)
+            return super().step(closure=closure)
+
+    FullModelGradientClippingOptimizer.__name__ = f"FullModelGradientClipping{optim_class.__name__}"
+    return FullModelGradientClippingOptimizer
+
+
+def build_optimizer(cfg, model):
+    params = build_optimizer_params(cfg, model)
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optim_class, kwargs = torch.optim.AdamW, {}
+    elif name == "SGD":
+        optim_class, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer {cfg.SOLVER.OPTIMIZER!r} (use ADAMW or SGD)")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        return _full_model_clipping(optim_class, clip.CLIP_VALUE, clip.NORM_TYPE)(
+            params, cfg.SOLVER.BASE_LR, **kwargs)
+    if clip.ENABLED and clip.CLIP_TYPE not in ("value", "norm"):
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE: unknown value {clip.CLIP_TYPE!r} "
+                         "(use full_model, norm or value)")
+    return maybe_add_gradient_clipping(cfg, optim_class)(params, cfg.SOLVER.BASE_LR, **kwargs)
+
+
+def build_evaluator(cfg, dataset_name, output_folder=None):
+    """COCOPanopticEvaluator for panoptic datasets, plus COCOEvaluator (mask AP) when the dataset has
+    instance annotations (metadata `json_file`) and the model outputs instances."""
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    meta = MetadataCatalog.get(dataset_name)
+    evaluators = []
+    if getattr(meta, "evaluator_type", None) == "coco_panoptic_seg" and cfg.MODEL.PANOPTIC_SEGFORMER.TEST.PANOPTIC_ON:
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+    if getattr(meta, "json_file", None) and cfg.MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON:
+        evaluators.append(ThingMaskAPEvaluator(dataset_name, output_dir=output_folder))
+    if not evaluators:
+        raise ValueError(f"no evaluator for dataset {dataset_name!r} "
+                         f"(evaluator_type={getattr(meta, 'evaluator_type', None)!r})")
+    return DatasetEvaluators(evaluators) if len(evaluators) > 1 else evaluators[0]
+
+
+def check_batch_norm_synchronised(model, world_size):
+    """With more than one process, refuse BatchNorm layers that keep per-process running statistics.
+
+    Plain ``BatchNorm`` under DDP normalises each process's own images and updates each process's own
+    running statistics (DDP runs with ``broadcast_buffers=False``, as in Detectron2). The end-of-training
+    evaluation then runs every process with its own statistics, while the checkpoint holds rank 0's:
+    the reported PQ is not the PQ of the saved weights. Synchronised BatchNorm (``naiveSyncBN``: all
+    processes share the batch statistics, so every process holds the same running statistics) or a
+    normalisation without running statistics (FrozenBN, GN, LayerNorm) has no such gap."""
+    if world_size <= 1:
+        return
+    from detectron2.layers import NaiveSyncBatchNorm
+
+    per_process = [name for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                   and not isinstance(m, (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm))]
+    if per_process:
+        raise ValueError(
+            f"{len(per_process)} BatchNorm layers keep per-process running statistics under {world_size} "
+            f"processes (e.g. {', '.join(per_process[:3])}): each process would evaluate with its own "
+            "statistics and the checkpoint would hold rank 0's. Set MODEL.RESNETS.NORM to \"naiveSyncBN\" "
+            "(synchronised BatchNorm that works on CPU/gloo and CUDA), \"SyncBN\" (CUDA only), "
+            "\"FrozenBN\" or \"GN\", or train with one process.")
+
+
+def build_ddp_model(model):
+    """``DistributedDataParallel`` around `model` when more than one process runs, else `model`.
+
+    As DefaultTrainer (``broadcast_buffers=False``), with ``device_ids`` the model's own CUDA device
+    (the local rank's, as Detectron2's launch sets it) and none for a CPU model: Detectron2's
+    ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which DDP rejects for a CPU model."""
+    if comm.get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    return create_ddp_model(model, broadcast_buffers=False,
+                            device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators, optimizer and checkpointer, and a
+    DDP model that also runs on the CPU (gloo) with synchronised BatchNorm statistics."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ (identical in Detectron2 v0.6 and upstream main) with the model
+        # wrapped by build_ddp_model instead of create_ddp_model(model, broadcast_buffers=False) and
+        # a PanopticSegFormerCheckpointer instead of a DetectionCheckpointer.
+        super(DefaultTrainer, self).__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        check_batch_norm_synchronised(model, comm.get_world_size())
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = build_ddp_model(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # PanopticSegFormerCheckpointer: MODEL.WEIGHTS with class heads of another dataset is an error
+        # unless SKIP_MISMATCHED_CLASS_HEADS.
+        self.checkpointer = PanopticSegFormerCheckpointer.from_config(
+            model, cfg, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # Checkpoints hold the optimizer state too, so --resume continues the optimizer (Adam moments and
+    # step counts) where it stopped. Upstream main's DefaultTrainer does this; v0.6's saves only the
+    # iteration and the LR scheduler. Checkpoints written without it still load.
+    def state_dict(self):
+        ret = super(DefaultTrainer, self).state_dict()  # TrainerBase's: iteration and hooks
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super(DefaultTrainer, self).load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=PanopticSegFormerDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=PanopticSegFormerDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
