@@ -65,7 +65,10 @@ def padding_mask(images: ImageList, device) -> torch.Tensor:
     ONNX graph computes the mask from the runtime sizes, :mod:`panoptic_segformer.deploy`).
     """
     n, _, hp, wp = images.tensor.shape
-    sizes = torch.as_tensor(images.image_sizes, dtype=torch.long).to(device, non_blocking=True).view(n, 2)
+    sizes = images.image_sizes
+    if not isinstance(sizes, torch.Tensor):  # under torch.jit.trace (fvcore's FLOP count) they are 0-dim tensors
+        sizes = [[int(h), int(w)] for h, w in sizes]
+    sizes = torch.as_tensor(sizes, dtype=torch.long).to(device, non_blocking=True).view(n, 2)
     rows = torch.arange(hp, device=device)[None, :, None] >= sizes[:, 0, None, None]
     cols = torch.arange(wp, device=device)[None, None, :] >= sizes[:, 1, None, None]
     return rows | cols

@@ -60,6 +60,12 @@ def _as_size(v):
     return v if isinstance(v, torch.SymInt) else int(v)
 
 
+def _shape_size(v):
+    """One entry of a tensor's shape: an int, a ``torch.SymInt`` (``torch.export``) or, under
+    ``torch.jit.trace`` (fvcore's FLOP count), a 0-dim tensor, read as an int as the tracer does."""
+    return int(v) if isinstance(v, Tensor) else v
+
+
 def as_level_sizes(sizes) -> Tuple[Tuple[int, int], ...]:
     """``sizes`` as a tuple of positive Python ``(H, W)`` int pairs (symbolic ``torch.SymInt`` sizes of
     ``torch.export`` are kept as they are); ValueError otherwise (no tensors)."""
@@ -160,7 +166,7 @@ class LevelLayout:
             if not isinstance(m, Tensor) or m.dim() != 3 or m.dtype != torch.bool or m.shape[0] != n:
                 got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
                 raise ValueError(f"level mask {lvl} must be a bool tensor (N={n}, H, W), got {got}")
-        sizes = as_level_sizes(m.shape[1:] for m in masks)
+        sizes = as_level_sizes(tuple(map(_shape_size, m.shape[1:])) for m in masks)
         device = masks[0].device
         return cls(
             sizes=sizes,
