@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
@@ -164,6 +165,11 @@ def image_size_arg(text: str):
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"must be HxW, e.g. 800x1333, got {text!r}")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far, in bytes (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_json(path: str, report) -> None:

@@ -28,7 +28,6 @@ observed without changing it) and how many segments it kept.
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
@@ -40,7 +39,7 @@ from projects.benchmarks import bench_utils
 
 def peak_rss_gib() -> float:
     """This process's peak resident set size so far, GiB (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return bench_utils.peak_rss_bytes() / 2 ** 30
 
 
 def _count_read_masks(postprocessor, counts):

@@ -28,7 +28,6 @@ bf16 without a scaler; fp32 is plain (TF32 off).
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -141,7 +140,7 @@ def measure(args):
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         result["before_steps_allocated_gib"] = base_allocated / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = bench_utils.peak_rss_bytes()
         result["peak_rss_gib"] = peak / 2**30
         result["rss_before_steps_gib"] = rss_before / 2**30
         result["peak_rss_growth_gib"] = max(peak - rss_before, 0) / 2**30
