@@ -9,6 +9,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import small_cfg
 from panoptic_segformer import PanopticSegFormer, PanopticSegFormerDatasetMapper
+from panoptic_segformer.postprocessing import binary_mask_stats, mean_mask_instance_scores
 from panoptic_segformer.utils import upsample_masks_to_image
 
 
@@ -140,6 +141,19 @@ def test_masks_to_image_ignores_padding_and_batch_partners():
     assert out.min() > -100  # no -1e4 padding value leaked into the border
 
 
+def test_masks_to_image_at_the_image_size_skips_the_identity_resize():
+    """Output size = image size: the crop of the upsampled map, bit-identical to Detectron2's
+    sem_seg_postprocess (crop, then a bilinear resize by a factor of 1)."""
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    torch.manual_seed(0)
+    maps = torch.randn(4, 7, 9) * 5
+    up = torch.nn.functional.interpolate(maps[None], size=(56, 72), mode="bilinear", align_corners=False)[0]
+    for image_size in ((50, 70), (56, 72), (49, 65)):
+        ours = upsample_masks_to_image(maps, image_size, 8, image_size)
+        assert torch.equal(ours, sem_seg_postprocess(up, image_size, *image_size))
+
+
 def test_masks_reach_images_that_are_not_a_multiple_of_8_at_stride_8():
     """SIZE_DIVISIBILITY 1 and a 45x21 image: the 1/8 map has ceil(45/8) x ceil(21/8) = 6x3 cells,
     cell j centred on pixel 8j + 3.5. A ramp of value 8j along x, bilinearly upsampled by the
@@ -235,9 +249,49 @@ def test_full_resolution_outputs_do_not_depend_on_the_chunk_size():
     full_probs = model.mask_decoder.mask_probabilities(
         upsample_masks_to_image(maps, image_size, model.mask_stride, (150, 200)))
     binary = full_probs[things] > model.mask_threshold
-    scores = probs[things] * (full_probs[things] * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    areas, prob_sums, _, _ = binary_mask_stats(full_probs, model.mask_threshold, things.tolist())
+    scores = mean_mask_instance_scores(probs[things], areas, prob_sums)
     order = torch.sort(scores, descending=True, stable=True).indices[:model.detections_per_image]
-    assert torch.equal(a.scores, scores[order]) and torch.equal(a.pred_masks, binary[order])
+    assert torch.equal(a.scores, scores[order].float()) and torch.equal(a.pred_masks, binary[order])
+    # ... which is the class probability times the mean probability inside the binary mask.
+    plain = probs[things] * (full_probs[things] * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    torch.testing.assert_close(a.scores, plain[order], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_sem_seg_equals_the_dense_semantic_inference(decoupled):
+    """sem_seg is Detectron2's / Mask2Former's semantic inference, sum_q dist[q, k] * sigmoid(mask_q)
+    at full resolution (their einsum, written independently here). With query decoupling the thing
+    queries update only the thing planes and each stuff query writes its own plane (issue 15): a stuff
+    plane is then exactly its query's probabilities times its class probability, and the whole map is
+    bit-identical to the dense product over the same chunks."""
+    from panoptic_segformer.panoptic_segformer import _SemanticMap
+
+    model, image_size, (dist, probs, labels, is_thing, maps) = _predictions_with_segments()
+    if not decoupled:
+        model.query_decoupling = False
+    assert model._semantic_blocks(dist) == (() if not decoupled else
+                                            (len(dist) - len(model.stuff_ids), slice(0, 4), model.stuff_ids))
+    full = model.mask_decoder.mask_probabilities(upsample_masks_to_image(maps, image_size, model.mask_stride,
+                                                                         (150, 200)))
+    with torch.no_grad():
+        for chunk_elements in (1 << 25, 150 * 200 * 5):
+            sem = model.full_resolution_outputs(model.postprocessor, maps, dist, probs, labels, is_thing,
+                                                image_size, (150, 200), chunk_elements=chunk_elements)["sem_seg"]
+            torch.testing.assert_close(sem, torch.einsum("qc,qhw->chw", dist, full), rtol=1e-5, atol=1e-6)
+            dense = _SemanticMap(dist, 150, 200)
+            for rows in torch.arange(len(dist)).split(max(1, chunk_elements // (150 * 200))):
+                dense.add(rows, full[rows])
+            assert torch.equal(sem, dense.sem)
+    if decoupled:
+        stuff = (~is_thing).nonzero().squeeze(1)
+        assert len(stuff) > 0
+        for q in stuff.tolist():
+            assert torch.equal(sem[labels[q]], full[q] * dist[q, labels[q]])
+    # Not the block structure (a thing query with a stuff class probability): the dense product.
+    broken = dist.clone()
+    broken[0, model.stuff_ids[0]] = 0.5
+    assert model._semantic_blocks(broken) == ()
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 40])
@@ -252,10 +306,10 @@ def test_running_top_k_instances_equal_one_stable_sort(chunk):
     mask_probs = torch.rand(q, 6, 5, generator=g)
     class_probs = torch.randint(0, 4, (q,), generator=g).float() / 4  # 4 values: ties
     labels = torch.randint(0, 10, (q,), generator=g)
-    top = _RunningTopK(k, lambda probs, cls, binary: cls, mask_threshold=0.5)
+    top = _RunningTopK(k, lambda cls, areas, prob_sums: cls, mask_threshold=0.5)
     for rows in torch.arange(q).split(chunk):
         before = {int(i): m.data_ptr() for i, m in zip(top.index if top.index is not None else [], top.masks)}
-        top.update(rows, mask_probs[rows], class_probs[rows])
+        top.update(rows, mask_probs, rows.tolist(), class_probs[rows])
         assert len(top.masks) == min(k, int(rows[-1]) + 1)
         stayed = [(int(i), m.data_ptr()) for i, m in zip(top.index, top.masks) if int(i) in before]
         assert all(before[i] == ptr for i, ptr in stayed), "a kept mask was copied again"
@@ -264,7 +318,7 @@ def test_running_top_k_instances_equal_one_stable_sort(chunk):
     assert torch.equal(result.scores, class_probs[order])
     assert torch.equal(result.pred_masks, mask_probs[order] > 0.5)
     assert torch.equal(result.pred_classes, labels[order])
-    empty = _RunningTopK(k, lambda probs, cls, binary: cls, 0.5).instances((6, 5), class_probs, labels)
+    empty = _RunningTopK(k, lambda cls, areas, prob_sums: cls, 0.5).instances((6, 5), class_probs, labels)
     assert len(empty) == 0 and empty.pred_masks.shape == (0, 6, 5)
 
 

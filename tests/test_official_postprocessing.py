@@ -9,6 +9,7 @@ from detectron2.modeling import build_model
 
 from panoptic_segformer.postprocessing import (
     OfficialMerging,
+    binary_mask_stats,
     build_postprocessor,
     mask_wise_merge,
     official_maps,
@@ -137,8 +138,8 @@ def test_official_merge_thresholds_are_the_official_ones_and_inputs_are_checked(
 
 def test_official_instance_scores_rank_things_by_the_panoptic_score():
     masks, class_probs, labels, is_thing = _hand_built_case()
-    binary = masks > 0.5
-    scores = OfficialMerging().instance_scores(masks, class_probs, binary)
+    areas, prob_sums, _, _ = binary_mask_stats(masks, 0.5)
+    scores = OfficialMerging().instance_scores(class_probs, areas, prob_sums)
     torch.testing.assert_close(scores[[0, 1, 2, 6]].float(),
                                torch.tensor([0.2 * 2.4 ** 2, 0.81 ** 2, 0.25, 0.0]))
 

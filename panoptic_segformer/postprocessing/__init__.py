@@ -12,6 +12,7 @@ common signature documented in :mod:`.common`::
 from .common import (
     PanopticPostProcessor,
     SegmentsInfo,
+    binary_mask_stats,
     mean_mask_instance_scores,
     merge_stuff_of_same_class,
     paint_segments,
@@ -37,6 +38,7 @@ __all__ = [
     "PixelArgmaxProb",
     "SegmentsInfo",
     "UnknownPostProcessorError",
+    "binary_mask_stats",
     "build_postprocessor",
     "mask_confidence_scores",
     "mask_wise_merge",

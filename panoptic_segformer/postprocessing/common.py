@@ -33,8 +33,9 @@ gets the defaults too, and a wrapper must forward them, e.g. with ``__getattr__`
   the "official" method uses the official code's single resize.
 * ``max_mask_value`` -- the largest mask value ``merge`` accepts: 1.0 (probabilities; the official
   decoder's ReLU masks are clamped to [0, 1] for such methods) or ``inf`` (masks as they are).
-* ``instance_scores(mask_probs, class_probs, binary)`` -- the score that ranks the top thing results
-  of ``instances`` (default :func:`mean_mask_instance_scores`).
+* ``instance_scores(class_probs, areas, prob_sums)`` -- the score that ranks the top thing results
+  of ``instances`` from each binary mask's area and probability sum (:func:`binary_mask_stats`;
+  default :func:`mean_mask_instance_scores`).
 
 Shared helpers defined here and used by every method:
 
@@ -462,18 +463,18 @@ def paint_segments(
     return lut_t[owner], segments_info
 
 
-def mean_mask_instance_scores(mask_probs: torch.Tensor, class_probs: torch.Tensor,
-                              binary: torch.Tensor) -> torch.Tensor:
+def mean_mask_instance_scores(class_probs: torch.Tensor, areas: torch.Tensor,
+                              prob_sums: torch.Tensor) -> torch.Tensor:
     """Default score of the ``instances`` output: class probability x mean mask probability inside
     the binary mask (0 for an empty mask).
 
     Args:
-        mask_probs: (M, H, W) mask probabilities; class_probs: (M,); binary: (M, H, W) bool masks.
+        class_probs: (M,); areas: (M,) int64 ``|1{m > t}|``; prob_sums: (M,) float64
+            ``sum(1{m > t} m)`` (:func:`binary_mask_stats`).
     Returns:
-        (M,) scores in the dtype of ``mask_probs``.
+        (M,) float64 scores.
     """
-    area = binary.flatten(1).sum(1)
-    return class_probs * (mask_probs * binary).flatten(1).sum(1) / area.clamp(min=1)
+    return class_probs.double() * prob_sums.double() / areas.clamp(min=1).double()
 
 
 class PanopticPostProcessor:

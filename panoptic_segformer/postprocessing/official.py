@@ -90,12 +90,11 @@ class OfficialMerging(MaskWiseMerging):
                                 self.mask_threshold, self.conf_threshold, self.keep_threshold,
                                 score_fn=official_mask_scores, max_mask_value=self.max_mask_value)
 
-    def instance_scores(self, mask_probs: torch.Tensor, class_probs: torch.Tensor,
-                        binary: torch.Tensor) -> torch.Tensor:
-        """(M,) float64 :func:`official_mask_scores` of masks (M, H, W) with binary masks (M, H, W):
-        the official code ranks its thing results by the panoptic score."""
-        areas = binary.flatten(1).sum(1)
-        prob_sums = (mask_probs * binary).flatten(1).double().sum(1)
+    def instance_scores(self, class_probs: torch.Tensor, areas: torch.Tensor,
+                        prob_sums: torch.Tensor) -> torch.Tensor:
+        """(M,) float64 :func:`official_mask_scores` from the binary masks' areas and probability sums
+        (:func:`.common.binary_mask_stats`): the official code ranks its thing results by the panoptic
+        score."""
         return official_mask_scores(class_probs, areas, prob_sums, self.alpha, self.beta)
 
 

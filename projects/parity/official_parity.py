@@ -256,7 +256,7 @@ def compare_image(model, npz, dataset_ids, tolerance, keep_threshold, cache):
     import torch
     import torch.nn.functional as F
 
-    from panoptic_segformer.postprocessing import OfficialMerging, official_maps
+    from panoptic_segformer.postprocessing import OfficialMerging, binary_mask_stats, official_maps
     from projects.demo.demo import trace_segment_queries
 
     d = np.load(npz)
@@ -321,8 +321,8 @@ def compare_image(model, npz, dataset_ids, tolerance, keep_threshold, cache):
     seg_differ = inst.pred_masks[order] != their_segm
     # The thing query of each instance, in the same order (instances are the top thing scores).
     things = is_thing.nonzero().squeeze(1)
-    thing_scores = postprocessor.instance_scores(mask_probs[things], class_probs[things],
-                                                 mask_probs[things] > postprocessor.mask_threshold)
+    areas, prob_sums, _, _ = binary_mask_stats(mask_probs, postprocessor.mask_threshold, things.tolist())
+    thing_scores = postprocessor.instance_scores(class_probs[things], areas, prob_sums)
     queries = things[thing_scores.argsort(descending=True, stable=True)][:len(inst)]
     seg_near, seg_farthest = torch.zeros((), dtype=torch.long), 0.0
     for k, q in enumerate(queries.tolist()):
