@@ -30,7 +30,7 @@ from ..utils import masks_to_boxes
 from .corruptions import build_test_corruption
 from .io import DatasetError, check_segments, read_image_rgb, read_panoptic_png
 
-__all__ = ["PanopticSegFormerDatasetMapper"]
+__all__ = ["PanopticSegFormerDatasetMapper", "target_instances"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,15 +192,18 @@ class PanopticSegFormerDatasetMapper:
                 stuff_masks[category] |= mask
             else:
                 stuff_masks[category] = mask
-        dataset_dict["instances"] = _instances(image_shape, thing_classes, thing_masks, with_boxes=True)
+        dataset_dict["instances"] = target_instances(image_shape, thing_classes, thing_masks, with_boxes=True)
         stuff_classes = sorted(stuff_masks)
-        dataset_dict["stuff"] = _instances(
+        dataset_dict["stuff"] = target_instances(
             image_shape, stuff_classes, [stuff_masks[c] for c in stuff_classes], with_boxes=False
         )
         return dataset_dict
 
 
-def _instances(image_shape, classes, masks, with_boxes):
+def target_instances(image_shape, classes, masks, with_boxes: bool) -> Instances:
+    """Training targets of one image as the mapper makes them: ``Instances`` of ``image_shape`` (H, W) with
+    ``gt_classes`` (int64 contiguous ids), ``gt_masks`` (BitMasks of the (H, W) bool ``masks``) and, with
+    ``with_boxes``, ``gt_boxes`` (the masks' tight boxes)."""
     inst = Instances(image_shape)
     inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
     if masks:

@@ -44,7 +44,7 @@ from projects.benchmarks.bench_utils import autocast, markdown_table, sync
 def synthetic_batch(height, width, thing_ids, stuff_ids, num_things, num_stuff, seed=0):
     """One training input as PanopticSegFormerDatasetMapper makes it: {"image" (3, H, W) uint8,
     "height", "width", "instances" (thing classes, BitMasks, Boxes), "stuff" (one per stuff class)}."""
-    from panoptic_segformer.data.dataset_mapper import _instances
+    from panoptic_segformer.data.dataset_mapper import target_instances
 
     if num_stuff > len(stuff_ids):
         raise ValueError(f"--stuff {num_stuff} exceeds the {len(stuff_ids)} stuff classes of the config")
@@ -72,8 +72,8 @@ def synthetic_batch(height, width, thing_ids, stuff_ids, num_things, num_stuff, 
     image = torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8))
     return {
         "image": image, "height": height, "width": width,
-        "instances": _instances((height, width), thing_classes, thing_masks, with_boxes=True),
-        "stuff": _instances((height, width), [stuff_classes[i] for i in order],
+        "instances": target_instances((height, width), thing_classes, thing_masks, with_boxes=True),
+        "stuff": target_instances((height, width), [stuff_classes[i] for i in order],
                             [stuff_masks[i] for i in order], with_boxes=False),
     }
 
