@@ -417,17 +417,23 @@ class PanopticSegFormer(nn.Module):
         height, width = output_size
         chunk = max(1, chunk_elements // max(1, height * width))
         keep_logits = getattr(postprocessor, "reads_mask_logits", True)
-        read_maps, read_logits = [], []
+        # The masks the post-processor reads, written once each into their final place.
+        read_index = read.nonzero().squeeze(1)
+        read_maps = maps.new_empty((len(read_index), height, width))
+        read_logits = maps.new_empty((len(read_index), height, width)) if keep_logits else None
+        filled = 0
         sem = _SemanticMap(dist, height, width, *self._semantic_blocks(dist)) if self.semantic_on else None
         top = _RunningTopK(self.detections_per_image, getattr(postprocessor, "instance_scores",
                                                                  mean_mask_instance_scores), self.mask_threshold)
         for rows in index.split(chunk) if index.numel() else ():
             up = to_image(maps[rows], image_size, self.mask_stride, output_size)
             probs = self.mask_decoder.mask_probabilities(up, max_value=max_mask_value)
-            r = read[rows]
-            read_maps.append(probs[r])
-            if keep_logits:
-                read_logits.append(up[r])
+            r = read[rows].nonzero().squeeze(1)
+            if len(r):
+                torch.index_select(probs, 0, r, out=read_maps[filled:filled + len(r)])
+                if keep_logits:
+                    torch.index_select(up, 0, r, out=read_logits[filled:filled + len(r)])
+                filled += len(r)
             if sem is not None:
                 sem.add(rows, probs)
             if self.instance_on:
@@ -435,10 +441,9 @@ class PanopticSegFormer(nn.Module):
                 top.update(rows[t], probs, t.tolist(), class_probs[rows[t]])
         result = {}
         if self.panoptic_on:
-            r = read.nonzero().squeeze(1)
-            mask_probs = torch.cat(read_maps) if read_maps else maps.new_zeros((0, height, width))
-            logits = self.mask_decoder.mask_logits(torch.cat(read_logits)) if read_logits else None
-            result["panoptic_seg"] = postprocessor(mask_probs, class_probs[r], labels[r], is_thing[r],
+            r = read_index
+            logits = self.mask_decoder.mask_logits(read_logits) if keep_logits and index.numel() else None
+            result["panoptic_seg"] = postprocessor(read_maps, class_probs[r], labels[r], is_thing[r],
                                                    mask_logits=logits, class_distribution=dist[r])
         if self.instance_on:
             result["instances"] = top.instances(output_size, class_probs, labels, thing_boxes)
