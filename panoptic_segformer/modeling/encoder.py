@@ -156,7 +156,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         """
         src2 = self.self_attn(src + pos, reference_points, src, levels)
         src = self.norm1(src + self.dropout1(src2))
-        src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        src2 = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(src2))
 
 

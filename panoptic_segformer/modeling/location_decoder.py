@@ -83,7 +83,7 @@ class LocationDecoderLayer(nn.Module):
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, levels)
         tgt = self.norm_ca(tgt + self.dropout_ca(tgt2))
 
-        tgt2 = self.linear2(self.dropout_ffn1(F.relu(self.linear1(tgt))))
+        tgt2 = self.linear2(self.dropout_ffn1(F.relu(self.linear1(tgt), inplace=True)))
         tgt = self.norm_ffn(tgt + self.dropout_ffn2(tgt2))
         return tgt
 

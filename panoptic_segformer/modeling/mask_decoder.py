@@ -293,7 +293,7 @@ class MaskDecoderLayer(nn.Module):
             tgt = self.norm_sa(tgt + self.dropout_sa(tgt2))
         tgt2, attn = self.cross_attn(tgt, memory, query_pos, memory_pos, padding_mask, need_maps)
         tgt = self.norm_ca(tgt + self.dropout_ca(tgt2))
-        tgt2 = self.linear2(self.dropout_ffn1(F.relu(self.linear1(tgt))))
+        tgt2 = self.linear2(self.dropout_ffn1(F.relu(self.linear1(tgt), inplace=True)))
         tgt = self.norm_ffn(tgt + self.dropout_ffn2(tgt2))
         return tgt, attn
 

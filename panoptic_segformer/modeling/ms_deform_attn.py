@@ -233,7 +233,7 @@ class MSDeformAttn(nn.Module):
                 reference_points.shape[-1] not in (2, 4) or query.shape[-1] != self.d_model:
             raise ValueError(f"MSDeformAttn(C={self.d_model}, L={L}): query {tuple(query.shape)}, reference_points "
                              f"{tuple(reference_points.shape)} (N, Lq, L, 2|4) and {levels} do not match")
-        value = self.value_proj(input_flatten).masked_fill(levels.padding_mask[..., None], 0.0)
+        value = self.value_proj(input_flatten).masked_fill_(levels.padding_mask[..., None], 0.0)
         value = value.view(N, -1, M, self.d_model // M)
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
         weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
