@@ -1,6 +1,7 @@
 """Deployment: the network exported to ONNX, run by onnxruntime, post-processed in Python.
 
-The pure-PyTorch deformable attention (``grid_sample``, :mod:`.modeling.ms_deform_attn`) lets the whole
+The pure-PyTorch deformable attention (written with ``grid_sample`` while ``torch.export`` traces,
+:func:`.modeling.ms_deform_attn.ms_deform_attn_grid_sample`) lets the whole
 network be exported. The exported graph (:class:`ExportedNetwork`) goes from the normalised, padded image
 batch of one image to the per-query predictions the post-processors take
 (:meth:`PanopticSegFormer.per_query_predictions`): class distribution, class probability, label, is-thing

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from panoptic_segformer.modeling.levels import LevelLayout
-from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core, ms_deform_attn_grid_sample
 
 SHAPES = [(5, 7), (3, 2), (1, 4)]  # ragged (H, W) per level
 
@@ -270,8 +270,10 @@ def test_module_input_validation():
 
 
 def _previous_core(value, sizes, loc, weights):
-    """The implementation this core replaced (issue 15): one grid_sample per level on a (Q, P) grid, all
-    levels stacked, then one weighted sum. Kept here as the reference the faster core must equal."""
+    """The first implementation of the core (before issue 15): one grid_sample per level on a (Q, P) grid,
+    all levels stacked, then one weighted sum. Kept here as the reference the faster formulations (the
+    weighted gather of ``ms_deform_attn_core``, and ``ms_deform_attn_grid_sample`` that ONNX export
+    uses) must equal."""
     N, S, M, D = value.shape
     _, Q, _, L, P, _ = loc.shape
     grids = 2 * loc - 1
@@ -295,9 +297,48 @@ def test_core_equals_the_previous_implementation_float64():
     loc = (torch.rand(N, Q, M, len(sizes), P, 2, generator=g, dtype=torch.float64) * 1.3 - 0.15).requires_grad_(True)
     weights = torch.rand(N, Q, M, len(sizes), P, generator=g, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(N, Q, M * D, generator=g, dtype=torch.float64)
-    new = ms_deform_attn_core(value, sizes, loc, weights)
     old = _previous_core(value, sizes, loc, weights)
-    torch.testing.assert_close(new, old, atol=1e-12, rtol=0)
-    for a, b in zip(torch.autograd.grad(new, (value, loc, weights), grad_out),
-                    torch.autograd.grad(old, (value, loc, weights), grad_out)):
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+    old_grads = torch.autograd.grad(old, (value, loc, weights), grad_out)
+    for formulation in (ms_deform_attn_core, ms_deform_attn_grid_sample):
+        new = formulation(value, sizes, loc, weights)
+        torch.testing.assert_close(new, old, atol=1e-12, rtol=0)
+        for a, b in zip(torch.autograd.grad(new, (value, loc, weights), grad_out), old_grads):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+def test_core_propagates_nan_and_reads_zeros_far_outside():
+    """A NaN location or attention weight gives NaN for its (query, head), as grid_sample does, instead of
+    an index error or a silent number; an infinite location reads zeros (its corners are all outside)."""
+    g = torch.Generator().manual_seed(12)
+    N, Q, M, D, P = 1, 4, 2, 3, 2
+    S = sum(h * w for h, w in SHAPES)
+    value = torch.randn(N, S, M, D, generator=g)
+    loc = torch.rand(N, Q, M, len(SHAPES), P, 2, generator=g)
+    weights = torch.rand(N, Q, M, len(SHAPES), P, generator=g)
+    loc[0, 0, 0, 0, 0, 0] = float("nan")
+    weights[0, 1, 1, 2, 1] = float("nan")
+    out = ms_deform_attn_core(value, _spatial_shapes(), loc, weights).view(N, Q, M, D)
+    nan = out.isnan().any(-1)[0]
+    assert nan[0, 0] and nan[1, 1] and nan.sum() == 2
+    only_inf = torch.zeros_like(weights)
+    only_inf[0, 2, 0, 1, 0] = 1.0
+    loc[0, 2, 0, 1, 0] = torch.tensor([float("inf"), -float("inf")])
+    assert ms_deform_attn_core(value, _spatial_shapes(), loc, only_inf)[0, 2].abs().max() == 0
+
+
+def test_export_traces_the_grid_sample_formulation():
+    """While torch.export traces (ONNX export), the core is written with grid_sample (ONNX GridSample);
+    in eager mode it is the weighted gather (embedding_bag exports as a loop over bags)."""
+    sizes = _spatial_shapes()
+
+    class Core(torch.nn.Module):
+        def forward(self, value, loc, weights):
+            return ms_deform_attn_core(value, sizes, loc, weights)
+
+    S = sum(h * w for h, w in sizes)
+    args = (torch.randn(1, S, 2, 3), torch.rand(1, 4, 2, len(sizes), 2, 2), torch.rand(1, 4, 2, len(sizes), 2))
+    ops = {str(n.target) for n in torch.export.export(Core(), args).graph.nodes if n.op == "call_function"}
+    assert "aten.grid_sampler.default" in ops and not any("embedding_bag" in op for op in ops)
+    with torch.profiler.profile() as prof:
+        Core()(*args)
+    assert any("embedding_bag" in e.key for e in prof.key_averages())

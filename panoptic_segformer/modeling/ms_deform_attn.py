@@ -9,7 +9,8 @@ sampling point ``k``, multi-scale deformable attention computes ([12], Eq. 3)::
 where ``x^l(.)`` is bilinear sampling of level ``l`` and the attention weights ``A_mlqk`` are normalized
 (softmax) over all ``L * K`` points of a head.
 
-``ms_deform_attn_core`` is the single pure-PyTorch implementation of the sampling + weighted sum
+``ms_deform_attn_core`` is the pure-PyTorch implementation of the sampling + weighted sum (one weighted
+gather over all levels; written with ``grid_sample`` per level while ``torch.export`` traces, for ONNX)
 (everything inside the brackets except ``W'_m``); ``MSDeformAttn`` is the full module with its
 projections. ``ms_deform_attn`` dispatches between the core and the fused Triton kernel of
 :mod:`.ms_deform_attn_triton` (same semantics). The implementation is chosen per module
@@ -31,6 +32,7 @@ from .levels import LevelLayout, as_level_sizes, check_sampling_shapes
 __all__ = [
     "MSDA_IMPLS",
     "ms_deform_attn_core",
+    "ms_deform_attn_grid_sample",
     "ms_deform_attn",
     "resolve_ms_deform_attn_impl",
     "MSDeformAttn",
@@ -47,13 +49,18 @@ def ms_deform_attn_core(
 ) -> Tensor:
     """Sample every level bilinearly at the given locations and sum with attention weights ([12], Eq. 3).
 
-    Pure PyTorch (one ``F.grid_sample`` per level over all the level's points at once, weighted and
-    summed in place), differentiable w.r.t. ``value``,
-    ``sampling_locations`` and ``attention_weights``; runs on any device and float dtype
-    (``sampling_locations`` / ``attention_weights`` are cast to ``value.dtype``).
+    Pure PyTorch, differentiable w.r.t. ``value``, ``sampling_locations`` and ``attention_weights``; runs on
+    any device and float dtype. Sampling follows ``align_corners=False``: the centre of column ``j`` of a
+    level of width ``W`` is at ``x = (j + 0.5) / W`` (rows likewise); points falling (partly) outside a map
+    read zeros there.
 
-    Sampling follows ``align_corners=False``: the centre of column ``j`` of a level of width ``W`` is at
-    ``x = (j + 0.5) / W`` (rows likewise); points falling (partly) outside a map read zeros there.
+    All levels are sampled at once as one weighted gather (:func:`_ms_deform_attn_gather`): each
+    (query, head) sums ``L * P * 4`` bilinear corners, each weighted by its bilinear weight times the
+    point's attention weight, in one ``F.embedding_bag`` over a zero-bordered table of all levels' values.
+    While ``torch.export`` traces the model (ONNX export, :mod:`panoptic_segformer.deploy`), the same sum
+    is written with one ``F.grid_sample`` per level (:func:`ms_deform_attn_grid_sample`), because ONNX has
+    a ``GridSample`` operator and no weighted bag sum (``embedding_bag`` exports as a loop over bags). Both
+    compute the same function (equal in float64, outputs and gradients: tests/test_ms_deform_attn.py).
 
     Args:
         value: (N, S, M, D) per-head values of all levels flattened row-major and concatenated,
@@ -63,7 +70,8 @@ def ms_deform_attn_core(
         attention_weights: (N, Q, M, L, P).
 
     Returns:
-        (N, Q, M * D), heads concatenated head-major (head ``m`` occupies channels ``m*D:(m+1)*D``).
+        (N, Q, M * D) in ``value.dtype``, heads concatenated head-major (head ``m`` occupies channels
+        ``m*D:(m+1)*D``).
     """
     if value.dim() != 4 or not value.is_floating_point():
         raise ValueError(f"value must be a floating point (N, S, M, D) tensor, got {value.dtype} {tuple(value.shape)}")
@@ -73,7 +81,73 @@ def ms_deform_attn_core(
     if sum(h * w for h, w in sizes) != S:
         raise ValueError(f"value has S={S} tokens (shape {tuple(value.shape)}) but level sizes {list(sizes)} "
                          f"sum to {sum(h * w for h, w in sizes)}")
-    Q, P = check_sampling_shapes(N, M, L, sampling_locations, attention_weights)
+    check_sampling_shapes(N, M, L, sampling_locations, attention_weights)
+    if torch.compiler.is_exporting():
+        return ms_deform_attn_grid_sample(value, sizes, sampling_locations, attention_weights)
+    return _ms_deform_attn_gather(value, sizes, sampling_locations, attention_weights)
+
+
+def _ms_deform_attn_gather(value: Tensor, sizes: Tuple[Tuple[int, int], ...], sampling_locations: Tensor,
+                           attention_weights: Tensor) -> Tensor:
+    """:func:`ms_deform_attn_core` as one weighted gather over all levels (inputs already checked).
+
+    Each level is copied into a table with one zero row and column before it and two after, so that every
+    corner of every (clamped) point has a row to read and no validity mask is needed: a pixel coordinate
+    ``x = loc_x * W - 0.5`` clamped to ``[-1, W]`` has corners ``floor(x)`` and ``floor(x) + 1`` in
+    ``[-1, W + 1]``, and clamping moves only points whose corners all read zeros (their gradient is zero
+    either way, as with ``grid_sample``; an infinite location reads zeros, a NaN one gives NaN).
+    Coordinates and bilinear weights are computed in float32 at least (float64 for float64 values), then
+    the weights are cast to ``value.dtype``.
+    """
+    N, S, M, D = value.shape
+    Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
+    L = len(sizes)
+    device = value.device
+    coord_dtype = torch.promote_types(value.dtype, torch.float32)
+    padded = [(h + 3) * (w + 3) for h, w in sizes]
+    rows = sum(padded)
+    # (N, M, rows, D): per image and head, the zero-bordered levels one after the other
+    table = value.new_zeros(N, M, rows, D)
+    starts, start = [], 0
+    for (h, w), value_l, size_l in zip(sizes, value.split([h * w for h, w in sizes], dim=1), padded):
+        starts.append(start)
+        table[:, :, start:start + size_l].view(N, M, h + 3, w + 3, D)[:, :, 1:h + 1, 1:w + 1] = \
+            value_l.view(N, h, w, M, D).permute(0, 3, 1, 2, 4)
+        start += size_l
+    index_dtype = torch.int32 if N * M * rows < 2 ** 31 else torch.int64
+    level_wh = torch.tensor([[w, h] for h, w in sizes], dtype=coord_dtype, device=device)[:, None]  # (L, 1, 2)
+    xy = (sampling_locations.to(coord_dtype) * level_wh - 0.5).clamp_(min=-1.0)
+    xy = torch.minimum(xy, level_wh)  # (N, Q, M, L, P, 2) pixel coordinates in [-1, W] x [-1, H]
+    xy0 = xy.floor()
+    frac = xy - xy0
+    xy0 = xy0.to(index_dtype)
+    row_len = torch.tensor([w + 3 for _, w in sizes], dtype=index_dtype, device=device)  # (L,)
+    level_base = torch.tensor(starts, dtype=index_dtype, device=device) + row_len + 1  # the (0, 0) pixel
+    head_base = (torch.arange(N * M, dtype=index_dtype, device=device) * rows).view(N, 1, M, 1, 1)
+    top_left = xy0[..., 1] * row_len[:, None] + xy0[..., 0] + (level_base[:, None] + head_base)  # (N, Q, M, L, P)
+    corners = torch.stack([torch.zeros_like(row_len), torch.ones_like(row_len), row_len, row_len + 1], -1)
+    index = top_left[..., None] + corners[:, None]  # (N, Q, M, L, P, 4): corners (y0,x0) (y0,x1) (y1,x0) (y1,x1)
+    index.clamp_(0, N * M * rows - 1)  # only a NaN location leaves the table; its NaN weights propagate
+    fx, fy = frac.unbind(-1)
+    below = attention_weights.to(coord_dtype) * fy  # attention times the bilinear row weights
+    above = attention_weights.to(coord_dtype) - below
+    above_right, below_right = above * fx, below * fx
+    weights = torch.stack([above - above_right, above_right, below - below_right, below_right], -1)
+    out = F.embedding_bag(index.view(N * Q * M, L * P * 4), table.view(N * M * rows, D),
+                          per_sample_weights=weights.to(value.dtype).view(N * Q * M, L * P * 4), mode="sum")
+    return out.view(N, Q, M * D)
+
+
+def ms_deform_attn_grid_sample(value: Tensor, sizes: Sequence[Tuple[int, int]], sampling_locations: Tensor,
+                               attention_weights: Tensor) -> Tensor:
+    """:func:`ms_deform_attn_core` written with one ``F.grid_sample`` per level: the formulation ONNX can
+    express (its ``GridSample`` operator), used while ``torch.export`` traces; same arguments and result.
+
+    Sampling locations and attention weights are cast to ``value.dtype``.
+    """
+    sizes = as_level_sizes(sizes)
+    N, S, M, D = value.shape
+    Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
     sampling_locations = sampling_locations.to(value.dtype)
     attention_weights = attention_weights.to(value.dtype)
 
@@ -85,9 +159,8 @@ def ms_deform_attn_core(
         # (N, H*W, M, D) -> (N*M, D, H, W); contiguous: PyTorch's CPU grid_sample returns NaN for some
         # bf16 inputs in the strided layout (seen with torch 2.11 and 2.14)
         value_l = value_l.permute(0, 2, 3, 1).reshape(N * M, D, h, w).contiguous()
-        # All Q*P points of a head as ONE row of the output grid: grid_sample's CPU kernel vectorizes
-        # along the output rows, which P (4) points would leave mostly empty. Same values, same memory
-        # layout as a (Q, P) grid: (N*M, D, 1, Q*P) viewed as (N*M, D, Q, P).
+        # All Q*P points of a head as ONE row of the output grid (same values and memory layout as a
+        # (Q, P) grid): (N*M, D, 1, Q*P) viewed as (N*M, D, Q, P).
         grid_l = grids[:, :, :, lvl].reshape(N * M, 1, Q * P, 2)
         sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
                                 align_corners=False).view(N * M, D, Q, P)

@@ -22,9 +22,11 @@ merging alone). The device is MODEL.DEVICE unless --device is given.
   and merging) is not counted. Handles added to fvcore's defaults, so that no heavy op is missed:
   ``aten::scaled_dot_product_attention`` (the value path of the mask decoder's cross-attention and
   of ``nn.MultiheadAttention``: ``N*h*Lq*S*(E + Ev)``), ``aten::_native_multi_head_attention``
-  (``nn.MultiheadAttention``'s inference fast path: projections + attention) and ``aten::grid_sampler`` (the multi-scale
-  deformable attention core: 4 MACs of bilinear interpolation + 1 MAC of the attention-weighted sum
-  per sampled value and channel; fvcore's default counts 4). The script lists every op fvcore
+  (``nn.MultiheadAttention``'s inference fast path: projections + attention) and
+  ``aten::embedding_bag`` / ``aten::grid_sampler`` (the multi-scale deformable attention core's
+  weighted gather, or its ``grid_sample`` formulation: 4 MACs of bilinear interpolation + 1 MAC of the
+  attention-weighted sum per sampled value and channel; fvcore's default counts 4 for grid_sampler and
+  skips embedding_bag). The script lists every op fvcore
   skipped. --fvcore-default-handles counts with fvcore's defaults only, for comparison with numbers
   made that way. The MSDeformAttn kernel is forced to the PyTorch path while counting (Triton calls
   cannot be traced).
@@ -112,6 +114,16 @@ def grid_sampler_flop_jit(inputs, outputs):
     return MSDA_CORE_MACS_PER_SAMPLE * numel
 
 
+def embedding_bag_flop_jit(inputs, outputs):
+    """aten::embedding_bag over a (R, D) table -- in this model only the MSDeformAttn core's weighted
+    gather, one bag entry per bilinear corner (4 per sampled value): counted as grid_sampler is, 4
+    bilinear MACs + 1 MAC of the attention-weighted sum per sampled value and channel."""
+    entries = 1
+    for d in _shape(inputs[1]):
+        entries *= d
+    return MSDA_CORE_MACS_PER_SAMPLE * (entries // 4) * _shape(inputs[0])[-1]
+
+
 def native_mha_flop_jit(inputs, outputs):
     """aten::_native_multi_head_attention (nn.MultiheadAttention's inference fast path, batch-first
     query (B, L, E), key/value (B, S, E)): in-projections of q, k, v, q k^T, A v and the out-projection."""
@@ -122,6 +134,7 @@ def native_mha_flop_jit(inputs, outputs):
 EXTRA_FLOP_HANDLES = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "aten::grid_sampler": grid_sampler_flop_jit,
+    "aten::embedding_bag": embedding_bag_flop_jit,
     "aten::_native_multi_head_attention": native_mha_flop_jit,
 }
 
@@ -144,7 +157,7 @@ class _Network(nn.Module):
 def count_flops(model, inputs, extra_handles=True):
     """Per-image fvcore counts. Returns a list of {"size", "total", "by_component", "skipped"}.
     ``extra_handles=False`` counts with fvcore's default handles only (scaled_dot_product_attention
-    skipped, grid_sampler at 4 per output element)."""
+    skipped, grid_sampler at 4 per output element, embedding_bag skipped)."""
     from fvcore.nn import FlopCountAnalysis
 
     from panoptic_segformer.modeling.ms_deform_attn import MSDeformAttn

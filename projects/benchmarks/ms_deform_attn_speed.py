@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Speed of multi-scale deformable attention (Deformable DETR [12]; the encoder of paper Sec. 3.2):
-the fused Triton kernel vs the pure-PyTorch ``ms_deform_attn_core`` (one ``grid_sample`` per level).
+the fused Triton kernel vs the pure-PyTorch ``ms_deform_attn_core`` (one weighted gather over all levels)
+and its ``grid_sample`` formulation (one per level; the one ONNX export uses).
 
 Times forward and forward+backward (gradients w.r.t. values, sampling locations and attention
 weights) at the encoder shape of an 800x1333 image: levels (100,167), (50,84), (25,42) (strides
@@ -27,7 +28,8 @@ import time
 import torch
 
 from panoptic_segformer.modeling.levels import LevelLayout
-from panoptic_segformer.modeling.ms_deform_attn import ms_deform_attn, resolve_ms_deform_attn_impl
+from panoptic_segformer.modeling.ms_deform_attn import (ms_deform_attn, ms_deform_attn_grid_sample,
+                                                         resolve_ms_deform_attn_impl)
 
 ENCODER_LEVELS_800x1333 = ((100, 167), (50, 84), (25, 42))
 SMALL_CPU_LEVELS = ((25, 42), (13, 21), (7, 11))
@@ -67,6 +69,16 @@ def encoder_inputs(levels, batch, heads, dim, points, dtype, device, seed=0):
     )
 
 
+GRID_SAMPLE = "grid_sample"  # the core's export formulation, timed beside the implementations
+
+
+def _attend(impl, value, layout, loc, weights):
+    """``ms_deform_attn`` with ``impl``, or the core's ``grid_sample`` formulation for GRID_SAMPLE."""
+    if impl == GRID_SAMPLE:
+        return ms_deform_attn_grid_sample(value, layout.sizes, loc, weights)
+    return ms_deform_attn(value, layout, loc, weights, impl=impl)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -78,7 +90,7 @@ def time_impl(impl, inputs, grad_out, repeats, warmup, device):
     leaves = [t.detach().requires_grad_(True) for t in (value, loc, weights)]
 
     def forward():
-        return ms_deform_attn(leaves[0], layout, leaves[1], leaves[2], impl=impl)
+        return _attend(impl, leaves[0], layout, leaves[1], leaves[2])
 
     def forward_backward():
         out = forward()
@@ -119,7 +131,7 @@ def max_errors(inputs, grad_out, impl):
     for name, cast in ((impl, lambda t: t), ("pytorch", lambda t: t.double())):
         value, layout, loc, weights = inputs
         leaves = [cast(t).detach().requires_grad_(True) for t in (value, loc, weights)]
-        out = ms_deform_attn(leaves[0], layout, leaves[1], leaves[2], impl=name)
+        out = _attend(name, leaves[0], layout, leaves[1], leaves[2])
         grads = torch.autograd.grad(out, leaves, cast(grad_out))
         results.append([out.double()] + [g.double() for g in grads])
     errors = [(a - b).abs().flatten() for a, b in zip(*results)]
@@ -173,7 +185,7 @@ def main(argv=None):
         inputs = encoder_inputs(levels, args.batch, args.heads, args.dim, args.points, dtype, device)
         grad_out = torch.randn(args.batch, S, args.heads * args.dim, generator=torch.Generator().manual_seed(1))
         grad_out = grad_out.to(device=device, dtype=dtype)
-        impls = ["pytorch"]
+        impls = ["pytorch", GRID_SAMPLE]
         if on_cuda and resolve_ms_deform_attn_impl(inputs[0], "auto") == "triton":
             impls.append("triton")
         timings = {impl: time_impl(impl, inputs, grad_out, repeats, warmup, device) for impl in impls}
@@ -190,8 +202,8 @@ def main(argv=None):
     if on_cuda and not any(impl == "triton" for _, impl, _ in checks):
         print("\nTriton is unavailable here: only the PyTorch path was timed.")
     print("\nAbs error vs a float64 PyTorch reference on the same inputs, max (p99.9 for d locations, "
-          "see max_errors); the PyTorch path casts locations to the value dtype, so in bf16 its location "
-          "gradients are much coarser:\n")
+          "see max_errors); the grid_sample formulation casts locations to the value dtype, so in bf16 its "
+          "location gradients are much coarser:\n")
     print("| dtype | impl | out | d value | d locations (max) | d locations (p99.9) | d weights |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, impl, errs in checks:
