@@ -13,6 +13,7 @@ of the dataset). ``thing_ids`` / ``stuff_ids`` (from the dataset metadata) give 
 each thing-classifier output and of each stuff query.
 """
 import bisect
+import inspect
 from typing import Dict, List, Optional
 
 import torch
@@ -38,7 +39,7 @@ from .modeling.encoder import DeformableTransformerEncoder, PositionEmbeddingSin
 from .modeling.location_decoder import LocationDecoder
 from .modeling.query_selection import ThingQuerySelection
 from .postprocessing import binary_mask_stats, mean_mask_instance_scores
-from .utils import masks_to_boxes, upsample_masks_to_image
+from .utils import ScratchBuffers, masks_to_boxes, upsample_masks_to_image
 
 __all__ = ["PanopticSegFormer", "dataset_class_ids", "padding_mask"]
 
@@ -405,6 +406,10 @@ class PanopticSegFormer(nn.Module):
         is the outputs plus the masks the post-processor reads plus one chunk.
         """
         to_image = getattr(postprocessor, "masks_to_image", upsample_masks_to_image)
+        # Each chunk's full-resolution temporaries go into buffers reused across chunks (ScratchBuffers:
+        # on the CPU a fresh one page-faults), when the post-processor's masks_to_image takes them.
+        buffers = ScratchBuffers()
+        to_image_kwargs = {"buffers": buffers} if "buffers" in inspect.signature(to_image).parameters else {}
         max_mask_value = getattr(postprocessor, "max_mask_value", 1.0)
         read = torch.zeros_like(is_thing)
         if self.panoptic_on:
@@ -426,8 +431,8 @@ class PanopticSegFormer(nn.Module):
         top = _RunningTopK(self.detections_per_image, getattr(postprocessor, "instance_scores",
                                                                  mean_mask_instance_scores), self.mask_threshold)
         for rows in index.split(chunk) if index.numel() else ():
-            up = to_image(maps[rows], image_size, self.mask_stride, output_size)
-            probs = self.mask_decoder.mask_probabilities(up, max_value=max_mask_value)
+            up = to_image(maps[rows], image_size, self.mask_stride, output_size, **to_image_kwargs)
+            probs = self.mask_decoder.mask_probabilities(up, max_value=max_mask_value, buffers=buffers)
             r = read[rows].nonzero().squeeze(1)
             if len(r):
                 torch.index_select(probs, 0, r, out=read_maps[filled:filled + len(r)])
@@ -439,6 +444,7 @@ class PanopticSegFormer(nn.Module):
             if self.instance_on:
                 t = is_thing[rows].nonzero().squeeze(1)
                 top.update(rows[t], probs, t.tolist(), class_probs[rows[t]])
+        up = probs = buffers = to_image_kwargs = None  # the chunk buffers are freed before the merge runs
         result = {}
         if self.panoptic_on:
             r = read_index

@@ -10,7 +10,7 @@ from detectron2.utils.events import EventStorage
 from conftest import small_cfg
 from panoptic_segformer import PanopticSegFormer, PanopticSegFormerDatasetMapper
 from panoptic_segformer.postprocessing import binary_mask_stats, mean_mask_instance_scores
-from panoptic_segformer.utils import upsample_masks_to_image
+from panoptic_segformer.utils import ScratchBuffers, resize_masks_to_image, upsample_masks_to_image
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,25 @@ def test_masks_to_image_at_the_image_size_skips_the_identity_resize():
     for image_size in ((50, 70), (56, 72), (49, 65)):
         ours = upsample_masks_to_image(maps, image_size, 8, image_size)
         assert torch.equal(ours, sem_seg_postprocess(up, image_size, *image_size))
+
+
+def test_masks_to_image_into_reused_buffers_are_bit_identical():
+    """With ScratchBuffers (reused across query chunks, issue 15) both ways to the output size give the
+    same bytes as without (Detectron2's sem_seg_postprocess for the resize), chunk after chunk, larger
+    and smaller; a later chunk overwrites the buffer, so the result is a view of it."""
+    torch.manual_seed(0)
+    maps = torch.randn(7, 7, 9) * 5
+    for to_image in (upsample_masks_to_image, resize_masks_to_image):
+        for image_size, output_size in (((50, 70), (50, 70)), ((49, 65), (98, 131)), ((56, 72), (30, 41))):
+            buffers = ScratchBuffers()
+            for rows in (slice(0, 3), slice(3, 7), slice(5, 6)):
+                ref = to_image(maps[rows], image_size, 8, output_size)
+                out = to_image(maps[rows], image_size, 8, output_size, buffers=buffers)
+                assert out.shape == ref.shape and torch.equal(out, ref), (to_image.__name__, image_size, rows)
+            first = to_image(maps[0:3], image_size, 8, output_size, buffers=buffers)
+            snapshot = first.clone()
+            to_image(maps[3:6], image_size, 8, output_size, buffers=buffers)
+            assert not torch.equal(first, snapshot)  # reused (overwritten), not a fresh tensor
 
 
 def test_masks_reach_images_that_are_not_a_multiple_of_8_at_stride_8():

@@ -348,10 +348,13 @@ class MaskDecoder(nn.Module):
     padding_value = -1e4
 
     @staticmethod
-    def mask_probabilities(mask_logits: Tensor, max_value: float = 1.0) -> Tensor:
+    def mask_probabilities(mask_logits: Tensor, max_value: float = 1.0, buffers=None) -> Tensor:
         """Mask probabilities from the "pred_masks" logits (a sigmoid: within any ``max_value`` >= 1,
-        the largest value the post-processor accepts)."""
-        return mask_logits.sigmoid()
+        the largest value the post-processor accepts), written into the buffer "probs" of ``buffers``
+        (:class:`~panoptic_segformer.utils.ScratchBuffers`) when given."""
+        if buffers is None:
+            return mask_logits.sigmoid()
+        return torch.sigmoid(mask_logits, out=buffers.get("probs", mask_logits.shape, mask_logits))
 
     @staticmethod
     def mask_logits(masks: Tensor) -> Optional[Tensor]:

@@ -190,10 +190,15 @@ class OfficialMaskDecoder(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     @staticmethod
-    def mask_probabilities(masks: Tensor, max_value: float = 1.0) -> Tensor:
+    def mask_probabilities(masks: Tensor, max_value: float = 1.0, buffers=None) -> Tensor:
         """The official masks are the probabilities (ReLU outputs, >= 0, unbounded): returned as they
-        are when ``max_value`` is ``inf``, else clamped to [0, ``max_value``]."""
-        return masks if max_value == float("inf") else masks.clamp(0.0, max_value)
+        are when ``max_value`` is ``inf``, else clamped to [0, ``max_value``] (into the buffer "probs"
+        of ``buffers``, :class:`~panoptic_segformer.utils.ScratchBuffers`, when given)."""
+        if max_value == float("inf"):
+            return masks
+        if buffers is None:
+            return masks.clamp(0.0, max_value)
+        return torch.clamp(masks, 0.0, max_value, out=buffers.get("probs", masks.shape, masks))
 
     @staticmethod
     def mask_logits(masks: Tensor) -> Optional[Tensor]:

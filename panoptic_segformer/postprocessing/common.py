@@ -27,10 +27,12 @@ Three optional members tell the meta-architecture how to prepare those inputs an
 ``instances`` output (:class:`PanopticPostProcessor` has the defaults; a plain callable without them
 gets the defaults too, and a wrapper must forward them, e.g. with ``__getattr__``):
 
-* ``masks_to_image(masks, image_size, stride, output_size)`` -- how the mask decoder's (Q, h, w)
-  maps at ``1/stride`` of the padded input reach the output size: by default
+* ``masks_to_image(masks, image_size, stride, output_size[, buffers])`` -- how the mask decoder's
+  (Q, h, w) maps at ``1/stride`` of the padded input reach the output size: by default
   :func:`~panoptic_segformer.utils.upsample_masks_to_image` (Detectron2's upsample-crop-resize);
-  the "official" method uses the official code's single resize.
+  the "official" method uses the official code's single resize. When it takes ``buffers``, the
+  meta-architecture passes a :class:`~panoptic_segformer.utils.ScratchBuffers` reused across query
+  chunks (the result may be a view of it, used before the next chunk).
 * ``max_mask_value`` -- the largest mask value ``merge`` accepts: 1.0 (probabilities; the official
   decoder's ReLU masks are clamped to [0, 1] for such methods) or ``inf`` (masks as they are).
 * ``instance_scores(class_probs, areas, prob_sums)`` -- the score that ranks the top thing results
