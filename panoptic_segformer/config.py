@@ -146,6 +146,17 @@ def add_panoptic_segformer_config(cfg):
     # Detectron2's CLIP_TYPE "value"/"norm" clip per parameter; "full_model" clips the global norm
     # of all parameters together (as DETR / Deformable DETR do).
 
+    # Intra-op threads of the training process (panoptic_segformer.engine.CPUThreadsHook). 0 = auto: on a
+    # CPU device, time a few iterations with 1 thread and with torch's default (one per core) and keep
+    # the faster (on a busy CPU, 1 thread can be 2x faster; on an idle one, the default is); on CUDA, 0
+    # leaves the count alone. 0 rather than "auto" because yacs refuses an int override such as
+    # `SOLVER.CPU_THREADS 2` for a string key. n >= 1: torch.set_num_threads(n) for the whole run, on
+    # any device. The count changes only the order of floating-point sums; seeded CPU runs that must
+    # match bit for bit need a fixed count, since two "auto" runs may pick different ones.
+    cfg.SOLVER.CPU_THREADS = 0
+    # With CPU_THREADS 0: iterations between two probes, since the machine's load changes; 0 = probe once.
+    cfg.SOLVER.CPU_THREADS_PROBE_PERIOD = 1000
+
     # Data (Sec. 4.1): augmentations of PanopticSegFormerDatasetMapper.
     # With this probability, DETR-style crop: resize the short side to one of CROP_RESIZE_SHORT,
     # random crop (INPUT.CROP, absolute_range 384-600), then the multi-scale resize.

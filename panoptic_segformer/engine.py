@@ -5,18 +5,22 @@
 backbone LR multiplier, Appendix A.1; full-model gradient clipping), checkpointer
 (:class:`~panoptic_segformer.checkpoint.PanopticSegFormerCheckpointer`) and a DistributedDataParallel
 model that also runs on the CPU (:func:`build_ddp_model`; gloo) with synchronised BatchNorm
-statistics (:func:`check_batch_norm_synchronised`). ``train_net.py`` parses the command line, sets up
-the config and launches the processes; tools under ``projects/`` import from here.
+statistics (:func:`check_batch_norm_synchronised`). The Trainer also installs
+:class:`CPUThreadsHook` (``SOLVER.CPU_THREADS``), which picks the training process's intra-op thread count
+on the CPU. ``train_net.py`` parses the command line, sets up the config and launches the processes; tools
+under ``projects/`` import from here.
 """
 import itertools
 import logging
 import os
+import statistics
+import time
 import weakref
 
 import torch
 import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, create_ddp_model
 from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
@@ -25,8 +29,8 @@ from .checkpoint import PanopticSegFormerCheckpointer
 from .data import PanopticSegFormerDatasetMapper
 from .evaluation import ThingMaskAPEvaluator
 
-__all__ = ["Trainer", "build_optimizer", "build_optimizer_params", "build_evaluator", "build_ddp_model",
-           "check_batch_norm_synchronised"]
+__all__ = ["Trainer", "CPUThreadsHook", "build_optimizer", "build_optimizer_params", "build_evaluator",
+           "build_ddp_model", "check_batch_norm_synchronised"]
 
 _NORM_TYPES = (
     torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
@@ -149,14 +153,136 @@ def build_ddp_model(model):
                             device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+class CPUThreadsHook(HookBase):
+    """Sets the training process's intra-op thread count (``torch.set_num_threads``); with ``threads=0``
+    ("auto") on a CPU device, measures which count trains faster now and keeps it.
+
+    Why: on a 2-core CPU that other processes kept busy, torch's default (one OpenMP thread per core) made
+    an iteration 1.5-2.3x slower than one thread, because the process's own threads wait on each other
+    at every operator; on the idle machine the default was 1.6-1.7x faster (docs/BENCHMARKS.md, "DataLoader
+    threads on a busy 2-core machine"). No fixed count is right for both, and the load changes while a
+    run trains, so "auto" measures: after `warmup_iters` iterations it runs `probe_iters` iterations with
+    1 thread and as many with the count the process started with (``torch.get_num_threads()`` before
+    training), in ABBA order so that a steady drift of iteration times favours neither; it keeps the count
+    with the lower median cost (1 on a tie) and probes again every `probe_period` iterations (0: once).
+
+    An iteration is timed with `clock` from this hook's ``before_step`` to its ``after_step``; the Trainer
+    installs the hook first, so that covers data loading, forward, backward and the optimizer step, and
+    not the other hooks' periodic work (evaluation, checkpoints, writers). Its cost is that time divided
+    by `work()`, the iteration's amount of work (the Trainer passes the batch's padded pixel count:
+    multi-scale training changed it 2.3x between iterations, as much as the thread count or more; see
+    docs/BENCHMARKS.md, "Adaptive CPU threads"); without `work`, or when it returns None, the cost is the time.
+    Each finished probe is appended to ``self.probes`` (``{"iter", "times", "work", "medians",
+    "chosen"}``; times in seconds, work and medians of time / work, per count) and logged. The count an
+    iteration ran with goes to the event storage as ``cpu_threads``.
+
+    The thread count changes only the order of floating-point reductions, not what training computes
+    (seeded runs that must match bit for bit need a fixed count: two "auto" runs may choose differently).
+    A process that starts with one thread (one core, or ``OMP_NUM_THREADS=1``) has nothing to compare
+    and keeps it. On a CUDA device "auto" does nothing (the GPU does the work); a fixed count
+    `threads` >= 1 is set on any device. ``after_train`` restores the count the process started with,
+    so the final evaluation (Detectron2's ``EvalHook.after_train``, which runs after this hook's) uses it.
+    """
+
+    def __init__(self, threads=0, probe_period=1000, device="cpu", warmup_iters=3, probe_iters=3,
+                 clock=time.perf_counter, work=None):
+        _check_int("SOLVER.CPU_THREADS", threads, 0)
+        _check_int("SOLVER.CPU_THREADS_PROBE_PERIOD", probe_period, 0)
+        _check_int("warmup_iters", warmup_iters, 0)
+        _check_int("probe_iters", probe_iters, 1)
+        if 0 < probe_period < 2 * probe_iters:
+            raise ValueError(f"SOLVER.CPU_THREADS_PROBE_PERIOD: expected 0 or >= {2 * probe_iters} (the probe's "
+                             f"own {2 * probe_iters} iterations), got {probe_period}")
+        self.threads, self.probe_period = threads, probe_period
+        self.warmup_iters, self.probe_iters, self._clock, self._work = warmup_iters, probe_iters, clock, work
+        self.auto = threads == 0 and torch.device(device).type == "cpu"
+        self.probes = []
+
+    @classmethod
+    def from_config(cls, cfg, **kwargs):
+        return cls(cfg.SOLVER.CPU_THREADS, cfg.SOLVER.CPU_THREADS_PROBE_PERIOD, cfg.MODEL.DEVICE, **kwargs)
+
+    def before_train(self):
+        self._initial = torch.get_num_threads()
+        self._schedule, self._probe, self._next_probe = [], None, None
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        elif self.auto and self._initial > 1:
+            self._next_probe = self.trainer.iter + self.warmup_iters
+        elif self.auto:
+            logging.getLogger(__name__).info("CPU threads: the process starts with 1 thread; nothing to probe")
+
+    def before_step(self):
+        if self.trainer.iter == self._next_probe:
+            one, default = 1, self._initial
+            self._schedule = [c for k in range(self.probe_iters) for c in ((one, default), (default, one))[k % 2]]
+            self._probe = {"iter": self.trainer.iter, "times": {one: [], default: []},
+                           "work": {one: [], default: []}}
+            self._next_probe = self.trainer.iter + self.probe_period if self.probe_period else None
+        if self._schedule:
+            torch.set_num_threads(self._schedule.pop(0))
+        self._count = torch.get_num_threads()
+        self._start = self._clock()
+
+    def after_step(self):
+        elapsed, count = self._clock() - self._start, self._count
+        if self.threads or self.auto:
+            self.trainer.storage.put_scalar("cpu_threads", count, smoothing_hint=False)
+        if self._probe is None:
+            return
+        work = self._work() if self._work is not None else None
+        self._probe["times"][count].append(elapsed)
+        self._probe["work"][count].append(work or 1)
+        if not self._schedule:
+            probe, self._probe = self._probe, None
+            probe["medians"] = {c: statistics.median(t / w for t, w in zip(probe["times"][c], probe["work"][c]))
+                                for c in probe["times"]}
+            probe["chosen"] = min(sorted(probe["medians"]), key=probe["medians"].get)
+            torch.set_num_threads(probe["chosen"])
+            self.probes.append(probe)
+            unit = "s / pixel" if self._work is not None else "s"
+            logging.getLogger(__name__).info(
+                "CPU threads: median iteration cost %s; training with %d thread(s)%s",
+                ", ".join(f"{t:.4g} {unit} with {c}" for c, t in sorted(probe["medians"].items())), probe["chosen"],
+                f" until the next probe at iteration {self._next_probe}" if self._next_probe is not None else "")
+
+    def after_train(self):
+        if self.threads or self.auto:
+            torch.set_num_threads(self._initial)
+
+
+class _BatchPixels:
+    """Iterates `loader` (batches: lists of dicts with "image", C x H x W), keeping the number of pixels
+    the model computes on for the batch last yielded: images padded to the largest height and width."""
+
+    def __init__(self, loader):
+        self.loader, self.last = loader, None
+
+    def __iter__(self):
+        for batch in self.loader:
+            shapes = [d["image"].shape[-2:] for d in batch if isinstance(d, dict) and "image" in d]
+            self.last = len(shapes) * max(h for h, _ in shapes) * max(w for _, w in shapes) if shapes else None
+            yield batch
+
+    def __call__(self):
+        return self.last
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators, optimizer and checkpointer, and a
-    DDP model that also runs on the CPU (gloo) with synchronised BatchNorm statistics."""
+    """DefaultTrainer with Panoptic SegFormer's mapper, evaluators, optimizer and checkpointer, a DDP
+    model that also runs on the CPU (gloo) with synchronised BatchNorm statistics, and the CPU thread
+    count of SOLVER.CPU_THREADS (:class:`CPUThreadsHook`)."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__ (identical in Detectron2 v0.6 and upstream main) with the model
-        # wrapped by build_ddp_model instead of create_ddp_model(model, broadcast_buffers=False) and
-        # a PanopticSegFormerCheckpointer instead of a DetectionCheckpointer.
+        # wrapped by build_ddp_model instead of create_ddp_model(model, broadcast_buffers=False), the
+        # data loader wrapped by _BatchPixels (CPUThreadsHook compares thread counts by iteration time
+        # per pixel of the batch) and a PanopticSegFormerCheckpointer instead of a DetectionCheckpointer.
         super(DefaultTrainer, self).__init__()
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called
             setup_logger()
@@ -164,7 +290,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         check_batch_norm_synchronised(model, comm.get_world_size())
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        data_loader = self._train_batch_pixels = _BatchPixels(self.build_train_loader(cfg))
         model = build_ddp_model(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -189,6 +315,13 @@ class Trainer(DefaultTrainer):
         super(DefaultTrainer, self).load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def build_hooks(self):
+        # First, so that its iteration times exclude the other hooks' periodic work (see CPUThreadsHook).
+        return [self.build_cpu_threads_hook(self.cfg)] + super().build_hooks()
+
+    def build_cpu_threads_hook(self, cfg, **kwargs):
+        return CPUThreadsHook.from_config(cfg, work=self._train_batch_pixels, **kwargs)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -72,8 +72,11 @@ def test_seeded_cpu_runs_give_identical_losses(tmp_path):
     runs = []
     for k in range(2):
         out = tmp_path / f"run{k}"
+        # A fixed thread count: "auto" (0) may pick another count in each run, which changes the order
+        # of floating-point sums (README, "The main job").
         cfg = small_cfg("SOLVER.MAX_ITER", "21", "TEST.EVAL_PERIOD", "0", "SEED", "123",
-                        "DATASETS.TEST", "()", "OUTPUT_DIR", str(out))
+                        "SOLVER.CPU_THREADS", str(torch.get_num_threads()), "DATASETS.TEST", "()",
+                        "OUTPUT_DIR", str(out))
         seed_all_rng(cfg.SEED)  # what train_net's default_setup does with cfg.SEED
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
