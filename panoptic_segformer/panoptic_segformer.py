@@ -396,14 +396,17 @@ class PanopticSegFormer(nn.Module):
                                             output_size, boxes)
 
     def full_resolution_outputs(self, postprocessor, maps, dist, class_probs, labels, is_thing, image_size,
-                                output_size, thing_boxes=None, chunk_elements: int = 1 << 25) -> Dict:
+                                output_size, thing_boxes=None, chunk_elements: int = 1 << 26) -> Dict:
         """One image's "panoptic_seg", "instances" and "sem_seg" (as enabled) from its per-query
         predictions: class distribution (Q, K), class_probs / labels / is_thing (Q,), maps (Q, h, w) at 1/8.
 
         Queries are brought to ``output_size`` in chunks of about ``chunk_elements`` values, and only the
         ones some output reads: the post-processor's ``read_queries`` (panoptic), the thing queries
         (instances: a running top-``detections_per_image``), every query (sem_seg, accumulated). Memory
-        is the outputs plus the masks the post-processor reads plus one chunk.
+        is the outputs plus the masks the post-processor reads plus one chunk. The default chunk (2^26
+        values, 62 queries at 800x1333) gives sem_seg's thing-plane product an inner dimension large enough
+        to be efficient: against 2^25, post-processing took 4.2 instead of 4.9 s for 70 MB more peak memory
+        (docs/BENCHMARKS.md, "Inference speed after issue 15's third pass").
         """
         to_image = getattr(postprocessor, "masks_to_image", upsample_masks_to_image)
         # Each chunk's full-resolution temporaries go into buffers reused across chunks (ScratchBuffers:
