@@ -156,8 +156,11 @@ def test_masks_to_image_at_the_image_size_skips_the_identity_resize():
 
 def test_masks_to_image_into_reused_buffers_are_bit_identical():
     """With ScratchBuffers (reused across query chunks, issue 15) both ways to the output size give the
-    same bytes as without (Detectron2's sem_seg_postprocess for the resize), chunk after chunk, larger
-    and smaller; a later chunk overwrites the buffer, so the result is a view of it."""
+    same bytes as without, chunk after chunk, larger and smaller, and Detectron2's way (upsample by the
+    stride, then sem_seg_postprocess's crop + resize) gives them too; a later chunk overwrites the
+    buffer, so the result is a view of it."""
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
     torch.manual_seed(0)
     maps = torch.randn(7, 7, 9) * 5
     for to_image in (upsample_masks_to_image, resize_masks_to_image):
@@ -167,6 +170,11 @@ def test_masks_to_image_into_reused_buffers_are_bit_identical():
                 ref = to_image(maps[rows], image_size, 8, output_size)
                 out = to_image(maps[rows], image_size, 8, output_size, buffers=buffers)
                 assert out.shape == ref.shape and torch.equal(out, ref), (to_image.__name__, image_size, rows)
+                if to_image is upsample_masks_to_image:
+                    cells = maps[rows][:, :-(-image_size[0] // 8), :-(-image_size[1] // 8)]
+                    up = torch.nn.functional.interpolate(cells[None], scale_factor=8, mode="bilinear",
+                                                         align_corners=False)[0]
+                    assert torch.equal(out, sem_seg_postprocess(up, image_size, *output_size))
             first = to_image(maps[0:3], image_size, 8, output_size, buffers=buffers)
             snapshot = first.clone()
             to_image(maps[3:6], image_size, 8, output_size, buffers=buffers)

@@ -73,18 +73,24 @@ def ms_deform_attn_core(
         (N, Q, M * D) in ``value.dtype``, heads concatenated head-major (head ``m`` occupies channels
         ``m*D:(m+1)*D``).
     """
+    if torch.compiler.is_exporting():
+        return ms_deform_attn_grid_sample(value, sizes, sampling_locations, attention_weights)
+    sizes = _checked_sizes(value, sizes, sampling_locations, attention_weights)
+    return _ms_deform_attn_gather(value, sizes, sampling_locations, attention_weights)
+
+
+def _checked_sizes(value: Tensor, sizes, sampling_locations: Tensor, attention_weights: Tensor):
+    """The level sizes as Python pairs (:func:`~.levels.as_level_sizes`) after checking the shapes of
+    both formulations' inputs; ValueError naming the argument otherwise."""
     if value.dim() != 4 or not value.is_floating_point():
         raise ValueError(f"value must be a floating point (N, S, M, D) tensor, got {value.dtype} {tuple(value.shape)}")
     sizes = as_level_sizes(sizes)
     N, S, M, D = value.shape
-    L = len(sizes)
     if sum(h * w for h, w in sizes) != S:
         raise ValueError(f"value has S={S} tokens (shape {tuple(value.shape)}) but level sizes {list(sizes)} "
                          f"sum to {sum(h * w for h, w in sizes)}")
-    check_sampling_shapes(N, M, L, sampling_locations, attention_weights)
-    if torch.compiler.is_exporting():
-        return ms_deform_attn_grid_sample(value, sizes, sampling_locations, attention_weights)
-    return _ms_deform_attn_gather(value, sizes, sampling_locations, attention_weights)
+    check_sampling_shapes(N, M, len(sizes), sampling_locations, attention_weights)
+    return sizes
 
 
 def _ms_deform_attn_gather(value: Tensor, sizes: Tuple[Tuple[int, int], ...], sampling_locations: Tensor,
@@ -129,8 +135,9 @@ def _ms_deform_attn_gather(value: Tensor, sizes: Tuple[Tuple[int, int], ...], sa
     index = top_left[..., None] + corners[:, None]  # (N, Q, M, L, P, 4): corners (y0,x0) (y0,x1) (y1,x0) (y1,x1)
     index.clamp_(0, N * M * rows - 1)  # only a NaN location leaves the table; its NaN weights propagate
     fx, fy = frac.unbind(-1)
-    below = attention_weights.to(coord_dtype) * fy  # attention times the bilinear row weights
-    above = attention_weights.to(coord_dtype) - below
+    attention_weights = attention_weights.to(coord_dtype)
+    below = attention_weights * fy  # attention times the bilinear row weights
+    above = attention_weights - below
     above_right, below_right = above * fx, below * fx
     weights = torch.stack([above - above_right, above_right, below - below_right, below_right], -1)
     out = F.embedding_bag(index.view(N * Q * M, L * P * 4), table.view(N * M * rows, D),
@@ -145,7 +152,7 @@ def ms_deform_attn_grid_sample(value: Tensor, sizes: Sequence[Tuple[int, int]], 
 
     Sampling locations and attention weights are cast to ``value.dtype``.
     """
-    sizes = as_level_sizes(sizes)
+    sizes = _checked_sizes(value, sizes, sampling_locations, attention_weights)
     N, S, M, D = value.shape
     Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
     sampling_locations = sampling_locations.to(value.dtype)

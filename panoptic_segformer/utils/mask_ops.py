@@ -4,7 +4,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 
 __all__ = ["ScratchBuffers", "image_cells", "masks_to_boxes", "resize_masks_to_image", "upsample_masks_to_image"]
 
@@ -69,8 +68,9 @@ def upsample_masks_to_image(masks: torch.Tensor, image_size: Tuple[int, int], st
 
     Only the image's own cells (:func:`image_cells`) are upsampled by ``stride`` (bilinear,
     ``align_corners=False``) to the input resolution, so neither padding nor a larger batch partner
-    leaks into the image's border; Detectron2's ``sem_seg_postprocess`` then crops the result to the
-    image's ``image_size`` pixels and resizes it to ``output_size``.
+    leaks into the image's border; the result is then cropped to the image's ``image_size`` pixels and
+    resized to ``output_size`` as Detectron2's ``sem_seg_postprocess`` does (bit-identical to it,
+    tests/test_model.py).
     Right for any ``INPUT.SIZE_DIVISIBILITY``: the geometry comes from ``stride``, not from the
     ratio of the padded size to the map size. With ``buffers`` (:class:`ScratchBuffers`) the result is
     written into its buffers (a view of them; the same values).
@@ -84,8 +84,6 @@ def upsample_masks_to_image(masks: torch.Tensor, image_size: Tuple[int, int], st
         # of exactly 1 samples every pixel at its own centre (weights 1 and 0), an identity that costs a
         # full-resolution pass. The crop alone gives the same values (a view; tests/test_model.py).
         return crop
-    if buffers is None:
-        return sem_seg_postprocess(up, image_size, *output_size)
     return _bilinear(crop, output_size, buffers, "resized")  # sem_seg_postprocess's crop + resize
 
 
