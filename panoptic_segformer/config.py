@@ -147,8 +147,10 @@ def add_panoptic_segformer_config(cfg):
     # of all parameters together (as DETR / Deformable DETR do).
 
     # Intra-op threads of the training process (panoptic_segformer.engine.CPUThreadsHook). 0 = auto: on a
-    # CPU device, time a few iterations with 1 thread and with torch's default (one per core) and keep
-    # the faster (on a busy CPU, 1 thread can be 2x faster; on an idle one, the default is); on CUDA, 0
+    # CPU device, warm up with 1 thread and measure the cores available to the process; keep 1 thread when
+    # no other core is free, else time a few iterations with 1 thread and with the free cores (at most
+    # torch's default) and keep the faster (on a busy CPU, 1 thread can be 2-5x faster; on an idle one,
+    # more threads are); on CUDA, 0
     # leaves the count alone. 0 rather than "auto" because yacs refuses an int override such as
     # `SOLVER.CPU_THREADS 2` for a string key. n >= 1: torch.set_num_threads(n) for the whole run, on
     # any device. The count changes only the order of floating-point sums; seeded CPU runs that must

@@ -16,6 +16,7 @@ import os
 import statistics
 import time
 import weakref
+from typing import Optional
 
 import torch
 import detectron2.utils.comm as comm
@@ -29,8 +30,8 @@ from .checkpoint import PanopticSegFormerCheckpointer
 from .data import PanopticSegFormerDatasetMapper
 from .evaluation import ThingMaskAPEvaluator
 
-__all__ = ["Trainer", "CPUThreadsHook", "build_optimizer", "build_optimizer_params", "build_evaluator",
-           "build_ddp_model", "check_batch_norm_synchronised"]
+__all__ = ["Trainer", "CPUThreadsHook", "available_core_seconds", "build_optimizer", "build_optimizer_params",
+           "build_evaluator", "build_ddp_model", "check_batch_norm_synchronised"]
 
 _NORM_TYPES = (
     torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
@@ -158,28 +159,60 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
 
+def available_core_seconds() -> Optional[float]:
+    """A running count of the CPU seconds this process could have used: the idle time (``/proc/stat``
+    idle + iowait) of the CPUs it may run on (``os.sched_getaffinity``), plus its own CPU time (all its
+    threads, ``time.process_time``). Over a window, the increase divided by the wall time is the number of
+    cores available to the process: the ones it used plus the ones nobody used. None where ``/proc/stat``
+    or the affinity cannot be read (not Linux)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        ticks_per_second = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return None
+    ticks = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in allowed and len(fields) >= 5:
+            ticks += int(fields[3]) + int(fields[4])
+    return ticks / ticks_per_second + time.process_time()
+
+
 class CPUThreadsHook(HookBase):
     """Sets the training process's intra-op thread count (``torch.set_num_threads``); with ``threads=0``
-    ("auto") on a CPU device, measures which count trains faster now and keeps it.
+    ("auto") on a CPU device, trains with one thread unless more cores are free and measured faster.
 
     Why: on a 2-core CPU that other processes kept busy, torch's default (one OpenMP thread per core) made
-    an iteration 1.5-2.3x slower than one thread, because the process's own threads wait on each other
-    at every operator; on the idle machine the default was 1.6-1.7x faster (docs/BENCHMARKS.md, "DataLoader
-    threads on a busy 2-core machine"). No fixed count is right for both, and the load changes while a
-    run trains, so "auto" measures: after `warmup_iters` iterations it runs `probe_iters` iterations with
-    1 thread and as many with the count the process started with (``torch.get_num_threads()`` before
-    training), in ABBA order so that a steady drift of iteration times favours neither; it keeps the count
-    with the lower median cost (1 on a tie) and probes again every `probe_period` iterations (0: once).
+    an iteration 1.5-5x slower than one thread, because the process's own threads wait on each other
+    at every operator; on the idle machine the default was 1.5-1.7x faster (docs/BENCHMARKS.md, "DataLoader
+    threads on a busy 2-core machine" and "Adaptive CPU threads"). No fixed count is right for both, and
+    the load changes while a run trains, so "auto":
 
-    An iteration is timed with `clock` from this hook's ``before_step`` to its ``after_step``; the Trainer
-    installs the hook first, so that covers data loading, forward, backward and the optimizer step, and
-    not the other hooks' periodic work (evaluation, checkpoints, writers). Its cost is that time divided
-    by `work()`, the iteration's amount of work (the Trainer passes the batch's padded pixel count:
-    multi-scale training changed it 2.3x between iterations, as much as the thread count or more; see
-    docs/BENCHMARKS.md, "Adaptive CPU threads"); without `work`, or when it returns None, the cost is the time.
-    Each finished probe is appended to ``self.probes`` (``{"iter", "times", "work", "medians",
-    "chosen"}``; times in seconds, work and medians of time / work, per count) and logged. The count an
-    iteration ran with goes to the event storage as ``cpu_threads``.
+    1. trains its first `warmup_iters` iterations with 1 thread (the count that is never much slower) and
+       measures over them how many cores are available to the process (`core_seconds`, by default
+       :func:`available_core_seconds`: the cores it used plus the idle ones);
+    2. if that rounds to at most 1 core (another job keeps the machine busy), keeps 1 thread without
+       trying more: no iteration pays for oversubscribed cores;
+    3. otherwise runs `probe_iters` iterations with 1 thread and as many with k threads, k = the available
+       cores (at most the count the process started with, ``torch.get_num_threads()`` before training),
+       in ABBA order so that a steady drift of iteration times favours neither, and keeps the count with
+       the lower median cost (1 on a tie);
+    4. repeats this every `probe_period` iterations (0: once), measuring the cores over the `warmup_iters`
+       iterations before each probe.
+
+    Without a core measure (not Linux, `warmup_iters` 0, `core_seconds` returning None) step 3 runs with k =
+    the starting count. An iteration is timed with `clock` from this hook's ``before_step`` to its
+    ``after_step``; the Trainer installs the hook first, so that covers data loading, forward, backward and
+    the optimizer step, and not the other hooks' periodic work (evaluation, checkpoints, writers). The
+    cores are measured over the same spans. An iteration's cost is its time divided by `work()`, its amount
+    of work (the Trainer passes the batch's padded pixel count: multi-scale training changed it 2.3x
+    between iterations, as much as the thread count or more); without `work`, or when it returns None, the
+    cost is the time. Each decision is appended to ``self.probes`` (``{"iter", "cores", "times", "work",
+    "medians", "chosen"}``: the measured available cores or None, then times in seconds, work and medians
+    of time / work per count tried, empty when nothing was tried) and logged. The count an iteration ran
+    with goes to the event storage as ``cpu_threads``.
 
     The thread count changes only the order of floating-point reductions, not what training computes
     (seeded runs that must match bit for bit need a fixed count: two "auto" runs may choose differently).
@@ -190,7 +223,7 @@ class CPUThreadsHook(HookBase):
     """
 
     def __init__(self, threads=0, probe_period=1000, device="cpu", warmup_iters=3, probe_iters=3,
-                 clock=time.perf_counter, work=None):
+                 clock=time.perf_counter, work=None, core_seconds=available_core_seconds):
         _check_int("SOLVER.CPU_THREADS", threads, 0)
         _check_int("SOLVER.CPU_THREADS_PROBE_PERIOD", probe_period, 0)
         _check_int("warmup_iters", warmup_iters, 0)
@@ -200,6 +233,7 @@ class CPUThreadsHook(HookBase):
                              f"own {2 * probe_iters} iterations), got {probe_period}")
         self.threads, self.probe_period = threads, probe_period
         self.warmup_iters, self.probe_iters, self._clock, self._work = warmup_iters, probe_iters, clock, work
+        self._core_seconds = core_seconds
         self.auto = threads == 0 and torch.device(device).type == "cpu"
         self.probes = []
 
@@ -209,47 +243,76 @@ class CPUThreadsHook(HookBase):
 
     def before_train(self):
         self._initial = torch.get_num_threads()
-        self._schedule, self._probe, self._next_probe = [], None, None
+        self._schedule, self._probe, self._next_probe, self._window = [], None, None, None
         if self.threads:
             torch.set_num_threads(self.threads)
         elif self.auto and self._initial > 1:
+            torch.set_num_threads(1)
             self._next_probe = self.trainer.iter + self.warmup_iters
         elif self.auto:
             logging.getLogger(__name__).info("CPU threads: the process starts with 1 thread; nothing to probe")
 
+    def _available_cores(self) -> Optional[float]:
+        """Cores available over the measured window (None without a complete measure)."""
+        window, self._window = self._window, None
+        if not window or window["missing"] or window["seconds"] <= 0:
+            return None
+        return window["core_seconds"] / window["seconds"]
+
     def before_step(self):
-        if self.trainer.iter == self._next_probe:
-            one, default = 1, self._initial
-            self._schedule = [c for k in range(self.probe_iters) for c in ((one, default), (default, one))[k % 2]]
-            self._probe = {"iter": self.trainer.iter, "times": {one: [], default: []},
-                           "work": {one: [], default: []}}
-            self._next_probe = self.trainer.iter + self.probe_period if self.probe_period else None
+        it = self.trainer.iter
+        if self._next_probe is not None and self.warmup_iters and it == self._next_probe - self.warmup_iters:
+            self._window = {"seconds": 0.0, "core_seconds": 0.0, "missing": False}
+        if it == self._next_probe:
+            cores = self._available_cores()
+            k = self._initial if cores is None else min(self._initial, max(1, int(cores + 0.5)))
+            self._probe = {"iter": it, "cores": cores, "times": {}, "work": {}}
+            self._next_probe = it + self.probe_period if self.probe_period else None
+            if k > 1:
+                self._schedule = [c for j in range(self.probe_iters) for c in ((1, k), (k, 1))[j % 2]]
+                self._probe["times"], self._probe["work"] = {1: [], k: []}, {1: [], k: []}
+            else:
+                self._finish_probe()
         if self._schedule:
             torch.set_num_threads(self._schedule.pop(0))
         self._count = torch.get_num_threads()
         self._start = self._clock()
+        self._start_cores = self._core_seconds() if self._window is not None else None
 
     def after_step(self):
         elapsed, count = self._clock() - self._start, self._count
         if self.threads or self.auto:
             self.trainer.storage.put_scalar("cpu_threads", count, smoothing_hint=False)
+        if self._window is not None:
+            end = self._core_seconds()
+            if end is None or self._start_cores is None:
+                self._window["missing"] = True
+            else:
+                self._window["seconds"] += elapsed
+                self._window["core_seconds"] += end - self._start_cores
         if self._probe is None:
             return
         work = self._work() if self._work is not None else None
         self._probe["times"][count].append(elapsed)
         self._probe["work"][count].append(work or 1)
         if not self._schedule:
-            probe, self._probe = self._probe, None
-            probe["medians"] = {c: statistics.median(t / w for t, w in zip(probe["times"][c], probe["work"][c]))
-                                for c in probe["times"]}
-            probe["chosen"] = min(sorted(probe["medians"]), key=probe["medians"].get)
-            torch.set_num_threads(probe["chosen"])
-            self.probes.append(probe)
-            unit = "s / pixel" if self._work is not None else "s"
-            logging.getLogger(__name__).info(
-                "CPU threads: median iteration cost %s; training with %d thread(s)%s",
-                ", ".join(f"{t:.4g} {unit} with {c}" for c, t in sorted(probe["medians"].items())), probe["chosen"],
-                f" until the next probe at iteration {self._next_probe}" if self._next_probe is not None else "")
+            self._finish_probe()
+
+    def _finish_probe(self):
+        probe, self._probe = self._probe, None
+        probe["medians"] = {c: statistics.median(t / w for t, w in zip(probe["times"][c], probe["work"][c]))
+                            for c in probe["times"]}
+        probe["chosen"] = min(sorted(probe["medians"]), key=probe["medians"].get) if probe["medians"] else 1
+        torch.set_num_threads(probe["chosen"])
+        self.probes.append(probe)
+        unit = "s / pixel" if self._work is not None else "s"
+        cores = "not measured" if probe["cores"] is None else f"{probe['cores']:.2f}"
+        tried = ", ".join(f"{t:.4g} {unit} with {c}" for c, t in sorted(probe["medians"].items()))
+        logging.getLogger(__name__).info(
+            "CPU threads: %s core(s) available; %s; training with %d thread(s)%s", cores,
+            f"median iteration cost {tried}" if tried else "too few to try more than 1 thread",
+            probe["chosen"],
+            f" until the next probe at iteration {self._next_probe}" if self._next_probe is not None else "")
 
     def after_train(self):
         if self.threads or self.auto:
