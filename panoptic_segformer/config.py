@@ -150,11 +150,10 @@ def add_panoptic_segformer_config(cfg):
     # CPU device, warm up with 1 thread and measure the cores available to the process; keep 1 thread when
     # no other core is free, else time a few iterations with 1 thread and with the free cores (at most
     # torch's default) and keep the faster (on a busy CPU, 1 thread can be 2-5x faster; on an idle one,
-    # more threads are); on CUDA, 0
-    # leaves the count alone. 0 rather than "auto" because yacs refuses an int override such as
-    # `SOLVER.CPU_THREADS 2` for a string key. n >= 1: torch.set_num_threads(n) for the whole run, on
-    # any device. The count changes only the order of floating-point sums; seeded CPU runs that must
-    # match bit for bit need a fixed count, since two "auto" runs may pick different ones.
+    # more threads are); on CUDA, 0 leaves the count alone. 0 rather than "auto" because yacs refuses an
+    # int override such as `SOLVER.CPU_THREADS 2` for a string key. n >= 1: torch.set_num_threads(n) for
+    # the whole run, on any device. The count changes only the order of floating-point sums; seeded CPU
+    # runs that must match bit for bit need a fixed count, since two "auto" runs may pick different ones.
     cfg.SOLVER.CPU_THREADS = 0
     # With CPU_THREADS 0: iterations between two probes, since the machine's load changes; 0 = probe once.
     cfg.SOLVER.CPU_THREADS_PROBE_PERIOD = 1000

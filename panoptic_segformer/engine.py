@@ -266,12 +266,11 @@ class CPUThreadsHook(HookBase):
         if it == self._next_probe:
             cores = self._available_cores()
             k = self._initial if cores is None else min(self._initial, max(1, int(cores + 0.5)))
-            self._probe = {"iter": it, "cores": cores, "times": {}, "work": {}}
+            tried = (1, k) if k > 1 else ()
+            self._probe = {"iter": it, "cores": cores, "times": {c: [] for c in tried}, "work": {c: [] for c in tried}}
             self._next_probe = it + self.probe_period if self.probe_period else None
-            if k > 1:
-                self._schedule = [c for j in range(self.probe_iters) for c in ((1, k), (k, 1))[j % 2]]
-                self._probe["times"], self._probe["work"] = {1: [], k: []}, {1: [], k: []}
-            else:
+            self._schedule = [c for j in range(self.probe_iters) for c in (tried, tried[::-1])[j % 2]]
+            if not tried:
                 self._finish_probe()
         if self._schedule:
             torch.set_num_threads(self._schedule.pop(0))
