@@ -204,3 +204,17 @@ def test_inference_memory_reports_peak_outputs_and_read_masks(tmp_path):
     assert runs[0]["read_masks"] > 0 and runs[1]["read_masks"] == 0
     inference_memory.main(["--plot", out, "--out", str(tmp_path / "m.png")])
     assert os.path.getsize(tmp_path / "m.png") > 0
+
+
+def test_overfit_benchmark_runs_and_reports(tmp_path):
+    """`python -m projects.benchmarks.overfit` (the long learning checks, README "Tests"), shortened to 2
+    iterations: it trains, evaluates and reports each check, and fails on a missed target unless told not to."""
+    from projects.benchmarks import overfit
+
+    out = tmp_path / "overfit.json"
+    argv = ["--checks", "coco2", "--max-iter", "2", "--output", str(tmp_path / "runs"), "--json", str(out)]
+    # 2 iterations cannot halve the loss: the target is missed, and the command says so by its exit code.
+    assert overfit.main(argv) == 1
+    (row,) = json.loads(out.read_text())
+    assert row["check"] == "coco2" and 0.0 <= row["PQ"] <= 100.0 and row["loss_first"] > 0
+    assert row["passed"] is False
