@@ -67,6 +67,7 @@ def test_features_are_timm_intermediates_of_the_32_padded_image(name):
     for f, r in zip(ALL, ref):
         s = b.output_shape()[f].stride
         crop = r[..., : math.ceil(67 / s), : math.ceil(131 / s)]
+        # same padded input through the same timm ops: equal up to the default float32 tolerance
         torch.testing.assert_close(out[f], crop)
         torch.testing.assert_close(whole[f], r)  # divisible input: no padding, no crop
 
@@ -99,14 +100,15 @@ def test_only_needed_stages_are_kept_and_all_parameters_get_gradients(name):
 def test_drop_path_rate_reaches_the_blocks(name):
     b = _build(name, "MODEL.TIMM.DROP_PATH_RATE", "0.3")
     rates = [m.drop_prob for m in b.modules() if isinstance(m, DropPath)]
+    # approx rel 1e-6: timm's linspace(0, 0.3) ends at 0.3 up to float32 rounding (~1e-8)
     assert rates and max(rates) == pytest.approx(0.3) and min(rates) >= 0.0
     x = torch.randn(1, 3, 32, 32)
     torch.manual_seed(1)
     b.train()
     a, c = b(x)["res5"], b(x)["res5"]
-    assert not torch.allclose(a, c)  # stochastic depth active in training
+    assert not torch.allclose(a, c)  # stochastic depth active in training: other branches dropped
     b.eval()
-    torch.testing.assert_close(b(x)["res5"], b(x)["res5"])
+    torch.testing.assert_close(b(x)["res5"], b(x)["res5"])  # same input, same path: default float32 tolerance
     assert not any(isinstance(m, DropPath) for m in _build(name).modules())  # rate 0: no DropPath
 
 
@@ -134,7 +136,9 @@ def test_out_norm_adds_a_layernorm_per_output():
         assert b.out_norms[f].normalized_shape == (shape.channels,)
     with torch.no_grad():
         out = b(torch.randn(1, 3, 67, 45))
-    for t in out.values():  # fresh LayerNorm: zero mean, unit variance over channels at each position
+    # fresh LayerNorm: zero mean, unit variance over channels at each position. Mean: float32 rounding of a
+    # <=768-term sum (~1e-6); variance is v / (v + eps=1e-5): atol 1e-2 allows channel variances down to 1e-3
+    for t in out.values():
         torch.testing.assert_close(t.mean(1), torch.zeros_like(t[:, 0]), atol=1e-4, rtol=0)
         torch.testing.assert_close(t.var(1, unbiased=False), torch.ones_like(t[:, 0]), atol=1e-2, rtol=0)
     assert len(_build(SWIN_T).out_norms) == 0
@@ -215,6 +219,7 @@ def test_pretrained_weights_round_trip(name, fmt, tmp_path, caplog):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref_res5 = src.eval().forward_intermediates(x, intermediates_only=True)[-1]
+        # same weights and ops on a 64x64 input (no padding): equal up to the default float32 tolerance
         torch.testing.assert_close(b.eval()(x)["res5"], ref_res5)
 
 
@@ -269,5 +274,6 @@ def test_swin_blocks_pad_before_shifting_as_the_detection_backbone():
     with torch.no_grad():
         out, out_padded = block._attn(x), block._attn(padded)[:, :11, :9]
         timm_order = type(block)._attn(block, x)
+    # both attend over the same zero-padded 14x14 tensor with the same ops: float32 rounding at most (1e-5)
     torch.testing.assert_close(out, out_padded, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(timm_order, out_padded, atol=1e-4)
+    assert not torch.allclose(timm_order, out_padded, atol=1e-4)  # other tokens share windows: far apart

@@ -60,6 +60,7 @@ def test_sweep_fills_every_cell_and_resumes(tmp_path, weights, capsys):
         s = summary[pp]
         pq = {k: c["results"][pp]["PQ"] for k, c in results["cells"].items()}
         assert s["clean"] == pq["clean"]
+        # approx rel 1e-6: float64 means of 2 and 4 PQ values, summed in another order at most (~1e-16)
         assert s["corruptions"]["fog"]["mean"] == pytest.approx((pq["fog/1"] + pq["fog/5"]) / 2)
         assert s["mean"] == pytest.approx(sum(v for k, v in pq.items() if k != "clean") / 4)
     assert os.path.getsize(tmp_path / sweep.PLOT_PNG) > 10_000
@@ -123,6 +124,7 @@ def test_default_sweep_is_table11_and_the_table_has_its_columns():
     skipped = {"frost": "FileNotFoundError: frost image missing"}
     summary = sweep.summarize(results, TABLE11_CORRUPTIONS, SEVERITIES, ["mask_wise"], skipped)
     used = [i for i, n in enumerate(TABLE11_CORRUPTIONS) if n != "frost"]
+    # approx rel 1e-6: float64 means of small exact integers (<= 80 terms), closed form up to rounding
     assert summary["mask_wise"]["mean"] == pytest.approx(30.0 + sum(used) / len(used))
     assert summary["mask_wise"]["corruptions"]["fog"]["mean"] == pytest.approx(30.0 + TABLE11_CORRUPTIONS.index("fog"))
     table = sweep.format_markdown(summary, TABLE11_CORRUPTIONS, SEVERITIES, skipped)

@@ -61,6 +61,7 @@ def test_auto_training_keeps_the_count_with_the_lower_measured_median(two_thread
     hook, used = _train(_QuickProbeTrainer, tmp_path, "SOLVER.MAX_ITER", "4")
     assert torch.get_num_threads() == 2  # restored
     (probe,) = hook.probes
+    # cores = 2 x a perf_counter delta / one read microseconds apart, over a training iteration: rel 0.05
     assert probe["iter"] == 1 and sorted(probe["times"]) == [1, 2] and probe["cores"] == pytest.approx(2.0, rel=0.05)
     assert all(len(t) == 1 and t[0] > 0 for t in probe["times"].values())
     # the cost is time per pixel: 2 images of the tiny shapes set at 128 x 128 per batch
@@ -76,6 +77,7 @@ def test_auto_training_keeps_the_count_with_the_lower_measured_median(two_thread
 def test_auto_on_a_busy_machine_trains_with_one_thread_without_trying_more(two_threads, tmp_path):
     hook, used = _train(_BusyMachineTrainer, tmp_path, "SOLVER.MAX_ITER", "4")
     (probe,) = hook.probes
+    # 1.2 x a perf_counter delta / one read microseconds apart: rel 0.05 (as above)
     assert probe["iter"] == 1 and probe["cores"] == pytest.approx(1.2, rel=0.05) and probe["chosen"] == 1
     assert probe["times"] == {} and probe["medians"] == {}
     assert used == {0: 1, 1: 1, 2: 1, 3: 1}
@@ -177,6 +179,7 @@ def test_probe_tries_the_available_cores_not_more_than_the_starting_count():
             trainer.register_hooks([hook])
             trainer.train(0, 4)
             (probe,) = hook.probes
+            # fake clock: cores x delta / delta in float64, approx's rel 1e-6 covers the rounding
             assert probe["cores"] == pytest.approx(cores) and sorted(probe["times"]) == [1, k]
             assert probe["chosen"] == k and torch.get_num_threads() == 4
             assert [int(v) for v, _ in trainer.storage.history("cpu_threads").values()] == [1, 1, k, k]

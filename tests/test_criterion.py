@@ -153,7 +153,7 @@ def test_loss_names_per_layer(box_free):
     last_only = _criterion(box_free, deep_supervision=False)(outputs, targets)
     assert set(last_only) == _expected_names([N_LOC - 1], [N_MASK - 1], box_free)
     for k, v in last_only.items():  # the last layers' terms do not depend on deep supervision
-        torch.testing.assert_close(v, losses[k])
+        torch.testing.assert_close(v, losses[k])  # same per-layer ops, same tensors: default float32 tol
 
 
 def test_no_location_layers():
@@ -176,6 +176,7 @@ def test_perfect_predictions_give_much_lower_loss(box_free):
     random = crit(_outputs(targets, gen, box_free=box_free), targets)
     assert _val(_total(perfect)) < 0.01 * _val(_total(random))
     for k in perfect:
+        # logits +-12, mask logits +-24: focal ~1e-15, dice ~ eps 1e-3 / (2 x area) <= 5e-4, boxes exact
         assert _val(perfect[k]) < 1e-2, k
         if "cls" not in k:  # random logits can be accidentally good at classification, never at masks/boxes
             assert _val(random[k]) > 0.05, k
@@ -199,6 +200,7 @@ def test_things_stuff_weights_documented_formula():
         _target([0, 1, 2], [2], gen),  # 3 / 1 -> 0.75 / 0.25
     ]
     lam_th, lam_st = _criterion().things_stuff_weights(targets)
+    # float32 ratios of small counts, correctly rounded and exact here: the default tolerance is ample
     torch.testing.assert_close(lam_th, torch.tensor([0.5, 1.0, 0.5, 0.0, 0.75]))
     torch.testing.assert_close(lam_st, torch.tensor([0.5, 0.0, 0.5, 1.0, 0.25]))
     ones = _criterion(dynamic_things_stuff_weight=False).things_stuff_weights(targets)
@@ -213,6 +215,7 @@ def test_dynamic_weights_scale_things_and_stuff_terms():
     fixed = _criterion(dynamic_things_stuff_weight=False)(outputs, [target])
     for k in fixed:
         factor = 0.25 if k.startswith("loss_stuff") else 0.75
+        # weight each term then sum (<= 24 positive float32 terms) vs scale the sum: a few ulps (rtol 1.3e-6)
         torch.testing.assert_close(dyn[k], factor * fixed[k])
 
 
@@ -225,12 +228,13 @@ def test_image_without_things_gets_no_thing_loss_under_dynamic_weights():
     with torch.no_grad():
         outputs["mask"][0]["thing_logits"][1] += 5.0
         outputs["location"]["pred_logits"][0][1] -= 3.0
+    # the changed logits only enter terms weighted by lambda_things = 0: the same float32 sums (default tol)
     torch.testing.assert_close(_total(crit(outputs, targets)), before)
     fixed = _criterion(dynamic_things_stuff_weight=False)
     changed = _total(fixed(outputs, targets))
     with torch.no_grad():
         outputs["mask"][0]["thing_logits"][1] -= 5.0
-    assert not torch.isclose(_total(fixed(outputs, targets)), changed)
+    assert not torch.isclose(_total(fixed(outputs, targets)), changed)  # logits moved by 5: far beyond 1e-5
 
 
 def test_absent_stuff_classes_get_classification_but_no_mask_loss():
@@ -248,7 +252,7 @@ def test_absent_stuff_classes_get_classification_but_no_mask_loss():
                 torch.randn(H, W, generator=gen) * 5
             )  # class 3 absent in image 1
     after = crit(outputs, targets)
-    for k in base:
+    for k in base:  # the changed masks are never read: the same float32 ops and values (default tolerance)
         torch.testing.assert_close(after[k], base[k])
     with torch.no_grad():
         outputs["mask"][1]["stuff_logits"][0, 2] += 3.0  # absent class: classification loss changes
@@ -256,6 +260,7 @@ def test_absent_stuff_classes_get_classification_but_no_mask_loss():
     assert _val(changed["loss_stuff_cls_1"]) > _val(base["loss_stuff_cls_1"])
     with torch.no_grad():
         outputs["mask"][1]["pred_masks"][0, Q_TH + 1] += 3.0  # present class: mask loss changes
+    # mask logits +3 on a whole present-class mask moves its dice loss far beyond isclose's rtol 1e-5
     assert not torch.isclose(crit(outputs, targets)["loss_stuff_mask_1"], base["loss_stuff_mask_1"])
 
 
@@ -275,7 +280,7 @@ def test_unmatched_thing_queries_get_no_mask_loss():
     new_matches = crit.match_things(outputs, targets)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(matches, new_matches))
     after = crit(outputs, targets)
-    for k in base:
+    for k in base:  # same matches, unmatched masks never read: the same float32 ops (default tolerance)
         torch.testing.assert_close(after[k], base[k])
 
 
@@ -362,6 +367,8 @@ def test_stuff_losses_match_independent_formulas():
     present = torch.tensor([1.0, 0.0, 1.0, 0.0])
     x = layer["stuff_logits"][0].detach()
     focal = _focal_reference(x, present).sum()
+    # Below: float32 focal / dice (sums of 4 classes, 20 mask cells) vs float64 references: float32 rounding
+    # (~1e-6 relative), so rel 1e-5; atol 1e-6 for focal terms near 0
     torch.testing.assert_close(
         float(sigmoid_focal_loss(x, present, 0.25, 2.0, "sum")), float(focal), rtol=1e-5, atol=1e-6
     )
@@ -381,6 +388,8 @@ def test_thing_and_detection_losses_match_independent_formulas():
     outputs = _outputs([target], gen, q_th=1, n_loc=1, n_mask=1)
     losses = _criterion()(outputs, [target])
     onehot = torch.tensor([0.0, 1.0, 0.0])
+    # Below: float32 losses (focal over 3 or 24 terms, dice over 20 cells, 4-term L1) vs float64 or same-input
+    # float32 references: float32 rounding (~1e-6 relative), so rel 1e-5
     layer = outputs["mask"][0]
     x = layer["thing_logits"][0, 0].detach()
     assert _val(losses["loss_things_cls_0"]) == pytest.approx(
@@ -409,6 +418,7 @@ def test_thing_and_detection_losses_match_independent_formulas():
     union = a[2] * a[3] + b[2] * b[3] - inter
     hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
     giou = inter / union - (hull - union) / hull
+    # float32 corners and areas, eps 1e-7 in union and hull, then 1 - giou cancels: rel 1e-4
     assert _val(losses["loss_det_giou_0"]) == pytest.approx(2.0 * (1 - giou), rel=1e-4)
 
 
@@ -424,6 +434,7 @@ def test_box_free_center_loss_is_l1_on_mass_centres():
         {"labels": target["labels"], "centers": centre[None]}, pred_logits=lg, pred_boxes=pts
     )[:, 0]
     q = int(cost.argmin())
+    # float32 2-term L1 from the same float32 points and centre, weighted by 5: rounding only, rel 1e-5
     assert _val(losses["loss_det_center_0"]) == pytest.approx(
         5.0 * float((pts[q] - centre).abs().sum()), rel=1e-5
     )
@@ -443,7 +454,7 @@ def test_normalizers_divide_by_batch_counts():
     }
     crit = _criterion()
     one, two = crit(single, [target]), crit(double, [target, target])
-    for k in one:
+    for k in one:  # per-row sums unchanged; each pair sum twice over in another order: ~1 ulp (rtol 1.3e-6)
         torch.testing.assert_close(two[k], one[k])
 
 
@@ -457,7 +468,7 @@ def test_distributed_normalizers_single_process(tmp_path):
         got = _criterion()(outputs, targets)
     finally:
         dist.destroy_process_group()
-    for k in expected:
+    for k in expected:  # the same ops; normalizers averaged over 1 process (x / 1): default float32 tolerance
         torch.testing.assert_close(got[k], expected[k])
 
 
@@ -496,6 +507,8 @@ def test_float32_and_finite_under_autocast_and_extreme_logits():
         },
         targets,
     )
+    # the criterion turns autocast off and casts to float32: the same float32 math on the same bf16 values,
+    # so rounding level at most (1e-5)
     for k in losses:
         torch.testing.assert_close(losses[k].detach(), reference[k], rtol=1e-5, atol=1e-5)
 

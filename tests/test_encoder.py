@@ -71,7 +71,7 @@ def test_encoder_shapes_and_metadata_on_padded_batch():
         [[[1.0, 1.0]] * 3, [[wb / wa, hb / ha] for (ha, wa), (hb, wb) in zip(SIZES_A, SIZES_B)]],
         dtype=torch.float64,
     )
-    torch.testing.assert_close(levels.valid_ratios, expected)
+    torch.testing.assert_close(levels.valid_ratios, expected)  # float64 ratios of counts: one rounding
     assert torch.isfinite(out.memory).all()
 
 
@@ -79,6 +79,7 @@ def test_get_valid_ratio():
     mask = torch.ones(2, 4, 5, dtype=torch.bool)
     mask[0, :3, :2] = False
     mask[1] = False
+    # float32 ratios of small counts, correctly rounded like the literals: default float32 tolerance
     torch.testing.assert_close(get_valid_ratio(mask), torch.tensor([[2 / 5, 3 / 4], [1.0, 1.0]]))
 
 
@@ -91,6 +92,7 @@ def test_reference_points_are_pixel_centres_in_valid_region():
     assert ref.shape == (2, 16 + 4, 2, 2)
     # image 0, unpadded: token (i, j) of level 0 points at ((j + .5) / 4, (i + .5) / 4) on every level
     i, j = 2, 3
+    # float64, a few ops per coordinate (here and below): rounding ~1e-16, default float64 tolerance 1e-7
     torch.testing.assert_close(ref[0, i * 4 + j, 0], torch.tensor([3.5 / 4, 2.5 / 4], dtype=torch.float64))
     torch.testing.assert_close(ref[0, i * 4 + j, 1], torch.tensor([3.5 / 4, 2.5 / 4], dtype=torch.float64))
     # image 1, level 0 valid 3x2: token (1, 1) normalized within the valid 2 cols x 3 rows, then
@@ -113,6 +115,7 @@ def test_encoder_padding_invariance():
     batched = _run(enc, srcs, masks)
     valid_b = ~batched.levels.padding_mask[1]
     assert int(valid_b.sum()) == alone.memory.shape[1]
+    # float64 throughout: padded batch vs alone differ by rounding only (~1e-15 through 2 layers), so 1e-10
     torch.testing.assert_close(batched.memory[1, valid_b], alone.memory[0], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(batched.pos[1, valid_b], alone.pos[0], atol=1e-10, rtol=1e-10)
     # and the partner does influence nothing: a different partner gives the same tokens
@@ -121,7 +124,7 @@ def test_encoder_padding_invariance():
     torch.testing.assert_close(batched2.memory[1, valid_b], alone.memory[0], atol=1e-10, rtol=1e-10)
     # the encoder is not the identity: tokens change through the layers
     flat_b = torch.cat([f.flatten(2).transpose(1, 2) for f in feats_b], 1)[0]
-    assert (alone.memory[0] - flat_b).abs().max() > 1e-3
+    assert (alone.memory[0] - flat_b).abs().max() > 1e-3  # LayerNorm-ed outputs vs raw inputs: O(1) apart
 
 
 def test_encoder_backward_reaches_all_parameters():
@@ -192,20 +195,23 @@ def test_position_embedding_sine_known_case(offset):
     pe = PositionEmbeddingSine(num_pos_feats=6, temperature=20, normalize=True, scale=2 * math.pi, offset=offset)
     out = pe(mask, dtype=torch.float64)
     assert out.shape == (2, 12, 3, 4)
+    # float64 sin/cos of arguments <= 2 pi, other op order than Python math: rounding ~1e-15, so atol 1e-12
     torch.testing.assert_close(out, _sine_reference(mask, 6, 20, 2 * math.pi, offset), atol=1e-12, rtol=0)
     # normalized: the last valid row/column sits at (almost) `scale` regardless of padding (offset 0)
     if offset == 0.0:
-        # y channels at the last valid row / x channels at the last valid column
+        # y channels at the last valid row / x channels at the last valid column; the normalizer's eps:
+        # 3 / (3 + 1e-6) vs 2 / (2 + 1e-6) is ~1.7e-7 apart, x 2 pi ~1e-6 in the argument, so atol 1e-5
         torch.testing.assert_close(out[0, :6, 2, 0], out[1, :6, 1, 0], atol=1e-5, rtol=0)
         torch.testing.assert_close(out[0, 6:, 0, 3], out[1, 6:, 0, 2], atol=1e-5, rtol=0)
     # a hand-computed value: image 1, pixel (1, 2), x channel 0 is sin(3/3 * 2pi / 1) (offset 0)
-    if offset == 0.0:
+    if offset == 0.0:  # float64, the same formula: rounding only (~1e-16)
         assert abs(out[1, 6, 1, 2].item() - math.sin(3 / (3 + 1e-6) * 2 * math.pi)) < 1e-12
 
 
 def test_position_embedding_sine_unnormalized():
     mask = torch.zeros(1, 2, 3, dtype=torch.bool)
     out = PositionEmbeddingSine(num_pos_feats=4, temperature=100, normalize=False)(mask)
+    # float32 sin/cos of the same arguments up to an ulp: the default float32 tolerance (here and below)
     # x channel 1 = cos(x / 100 ** (2 * (1 // 2) / 4)) = cos(x), x = j + 1
     torch.testing.assert_close(out[0, 5, 0], torch.cos(torch.tensor([1.0, 2.0, 3.0])))
     # y channel 2 = sin(y / 100 ** (2 / 4)) = sin(y / 10), y = i + 1

@@ -97,7 +97,7 @@ def _evaluate(predictions):
 def test_evaluator_scores_ground_truth_as_predictions_pq_100(coco_sample_root):
     res = _evaluate(_ground_truth_outputs(coco_sample_root))
     for key in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"):
-        assert res[key] == pytest.approx(100.0, abs=1e-9), key
+        assert res[key] == pytest.approx(100.0, abs=1e-9), key  # every IoU exactly 1: float64 means of 1s
 
 
 def test_evaluator_equals_pq_compute_on_perturbed_predictions(coco_sample_root, tmp_path):
@@ -139,6 +139,7 @@ def test_evaluator_equals_pq_compute_on_perturbed_predictions(coco_sample_root, 
                          pred_folder=str(pred_dir))
     for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
         for metric in ("pq", "sq", "rq"):
+            # Detectron2's evaluator runs the same float64 pq_compute on the same segments: rounding only
             assert res[metric.upper() + suffix] == pytest.approx(100 * ref[group][metric], rel=1e-9)
     assert res["PQ_th"] < 100 and res["PQ_st"] < 100 and res["RQ_th"] < 100 and res["SQ_st"] < 100
 
@@ -177,6 +178,8 @@ def test_batch_of_two_different_size_images(predictor, coco_dicts):
     assert len(batched) == 2
     for x, out in zip(inputs, batched):
         _check_output(out, x["height"], x["width"], 133)
+    # float32, batch of 2 vs 1 at the same padded size: other GEMM blockings, ~1e-6 rounding carried through
+    # the layers into probabilities in [0, 1]: 1e-4
     torch.testing.assert_close(batched[0]["sem_seg"], alone[0]["sem_seg"], atol=1e-4, rtol=1e-4)
 
 
@@ -237,6 +240,7 @@ def test_trace_segment_queries_finds_the_query_of_each_segment(name):
                 binary = probs[q] > 0.5
                 s_q = mask_confidence_scores(class_probs[q:q + 1], binary.sum().view(1),
                                              (probs[q] * binary).sum().double().view(1))
+                # float32 sums of <= 2240 probabilities (row sums vs one sum, ~1e-7), squared by Eq. 6: rel 1e-6
                 assert s["score"] == pytest.approx(float(s_q), rel=1e-6)
             elif name == "pixel_argmax_prob":
                 assert bool((probs[q][inside] >= 0.5).all())

@@ -63,16 +63,18 @@ def test_mlp_is_linear_relu_stack():
     assert [tuple(layer.weight.shape) for layer in mlp.layers] == [(10, 6), (10, 10), (3, 10)]
     x = torch.randn(4, 6)
     expected = mlp.layers[2](F.relu(mlp.layers[1](F.relu(mlp.layers[0](x)))))
-    torch.testing.assert_close(mlp(x), expected)
+    torch.testing.assert_close(mlp(x), expected)  # the same layers in the same order: default float32 tol
     with pytest.raises(ValueError):
         MLP(6, 10, 3, 0)
 
 
 def test_inverse_sigmoid_inverts_sigmoid_and_is_finite_at_bounds():
     x = torch.linspace(-6, 6, 25)
+    # float32: 1 - sigmoid(6) ~ 2.5e-3 keeps ~6e-8 absolute, ~3e-5 relative, which log passes on: atol 1e-3
     torch.testing.assert_close(inverse_sigmoid(torch.sigmoid(x)), x, atol=1e-3, rtol=1e-4)
     edge = inverse_sigmoid(torch.tensor([0.0, 1.0, -0.5, 1.5]))
     assert torch.isfinite(edge).all()
+    # float32 log(1e-5) vs float64: one rounding (~1e-7 relative), inside approx's rel 1e-6
     assert edge[0] == pytest.approx(math.log(1e-5)) and edge[1] == pytest.approx(-math.log(1e-5))
 
 
@@ -105,6 +107,7 @@ def test_zero_layers_returns_thing_queries_unchanged():
     out = dec(memory, levels)
     pos, tgt = dec.query_embed.weight.split(D_MODEL, dim=1)
     assert out["queries"].shape == (2, NUM_QUERIES, D_MODEL)
+    # copies of the embedding, no arithmetic: equal (default float32 tolerance, both)
     torch.testing.assert_close(out["queries"], tgt.expand(2, -1, -1))
     torch.testing.assert_close(out["query_pos"], pos.expand(2, -1, -1))
     assert out["pred_logits"] == [] and out["pred_boxes"] == []
@@ -112,13 +115,15 @@ def test_zero_layers_returns_thing_queries_unchanged():
 
 def test_initialisation_matches_deformable_detr():
     dec = build(num_layers=2)
-    for fc in dec.class_embed:
+    for fc in dec.class_embed:  # float32 sigmoid(-log(99)): a few ulps of 0.01, default float32 tolerance
         torch.testing.assert_close(torch.sigmoid(fc.bias), torch.full((NUM_CLASSES,), 0.01))
     memory, levels = make_inputs()
     ratios = levels.valid_ratios
     out = dec(memory, levels)
     # zero-initialised last box layer: layer 0 keeps the initial centres, and w = h = sigmoid(-2).
     boxes0 = out["pred_boxes"][0]
+    # float32 sigmoid(inverse_sigmoid(r)): the 1 - r rounding (~6e-8) comes back scaled by the slope <= 1/4;
+    # w, h: the same float32 sigmoid(-2) (default tolerance)
     torch.testing.assert_close(boxes0[..., :2], out["reference_points"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         boxes0[..., 2:], torch.full_like(boxes0[..., 2:], torch.sigmoid(torch.tensor(-2.0)).item())
@@ -133,14 +138,14 @@ def test_iterative_refinement_changes_and_detaches_reference_points():
     out = dec(memory, levels)
     refs, boxes = out["reference_points"], out["pred_boxes"]
     for k in range(3):
-        # the refined box of layer k is the next reference point, detached
+        # the refined box of layer k is the next reference point, detached (the same values: default tol)
         torch.testing.assert_close(refs[k + 1], boxes[k].detach())
         assert not refs[k + 1].requires_grad and boxes[k].requires_grad
         # and it really moved the centres
-        assert (boxes[k][..., :2] - refs[k][..., :2]).abs().max() > 1e-3
+        assert (boxes[k][..., :2] - refs[k][..., :2]).abs().max() > 1e-3  # a real move, not float32 rounding
     # refinement is in inverse-sigmoid space relative to the layer's input reference
     expected_last = (dec.bbox_embed[2](out["queries"]) + inverse_sigmoid(refs[2])).sigmoid()
-    torch.testing.assert_close(boxes[2], expected_last)
+    torch.testing.assert_close(boxes[2], expected_last)  # the decoder's own float32 ops: default tolerance
 
     # gradient of layer-1 boxes does not reach layer-0's box head (its output was detached) ...
     boxes[1].sum().backward(retain_graph=True)
@@ -172,7 +177,7 @@ def test_reference_points_given_to_deformable_attention_are_scaled_by_valid_rati
         ref = out["reference_points"][k].detach()
         scale = ratios if ref.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
         assert ref_input.shape == (2, NUM_QUERIES, LEVELS, ref.shape[-1])
-        torch.testing.assert_close(ref_input, ref[:, :, None] * scale[:, None])
+        torch.testing.assert_close(ref_input, ref[:, :, None] * scale[:, None])  # the same one product
     assert seen[0].shape[-1] == 2
     assert seen[2].shape[-1] == (2 if box_free else 4)
     assert (ratios[1] < 1).all()  # the padded image really is rescaled
@@ -188,11 +193,12 @@ def test_layer_is_post_norm_and_uses_self_attention():
     ref = torch.rand(2, 4, LEVELS, 2)
     out = layer(tgt, pos, ref, memory, levels)
     assert out.shape == tgt.shape
-    # post-norm: every output token is layer-normalised
+    # post-norm: every output token is layer-normalised (float32 mean of 32 O(1) values: ~1e-7, so 1e-5)
     torch.testing.assert_close(out.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
     # self-attention: a query's output depends on the other queries
     tgt2 = tgt.clone()
     tgt2[:, 1:] += 1.0
+    # other queries moved by 1: query 0 moves far beyond float32 rounding (~1e-6)
     assert (layer(tgt2, pos, ref, memory, levels)[:, 0] - out[:, 0]).abs().max() > 1e-4
 
 

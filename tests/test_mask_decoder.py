@@ -69,6 +69,7 @@ def test_eq1_split_matches_manual_slices():
     for n, q, hd in [(0, 0, 0), (1, 2, 1), (1, 0, 1)]:
         for lvl, ((h, w), s) in enumerate(zip(SHAPES, starts.tolist())):
             manual = attn[n, hd, q, s : s + h * w].view(h, w)
+            # views of the same tensor, no arithmetic: bit-equal
             torch.testing.assert_close(levels[lvl][n * 3 + q, hd], manual, rtol=0, atol=0)
 
 
@@ -83,7 +84,8 @@ def test_eq2_fused_maps_are_bilinear_upsampled_manual_slices():
         manual = attn[n, hd, q, s : s + h * w].view(1, 1, h, w)
         if lvl > 0:
             manual = F.interpolate(manual, size=(8, 12), mode="bilinear", align_corners=False)
-        # channels are level-major: Concat(A_1, Up(A_2), Up(A_3)), each with h heads
+        # channels are level-major: Concat(A_1, Up(A_2), Up(A_3)), each with h heads (the same per-pixel
+        # bilinear sums of the same values: default float32 tolerance)
         torch.testing.assert_close(fused[n * 3 + q, lvl * HEADS + hd], manual[0, 0])
 
 
@@ -95,6 +97,8 @@ def test_mask_head_forward_equals_convs_on_fused_maps(shapes):
     masks = head(attn, layout(shapes))
     assert masks.shape == (2, 3) + shapes[0]  # odd level-1 sizes work: size= of level 1
     reference = head.conv2(F.relu(head.conv1(head.fuse(attn, layout(shapes)))))
+    # the head mixes the 6 channels before upsampling, the reference after: float32 sums in another order
+    # (~1e-7 on O(1) logits), so 1e-5 (both checks)
     torch.testing.assert_close(masks, reference.view(2, 3, *shapes[0]), atol=1e-5, rtol=1e-5)
     # the same holds with a padding mask (edge replication before upsampling)
     pad = torch.zeros(2, attn.shape[-1], dtype=torch.bool)
@@ -132,17 +136,18 @@ def test_cross_attention_returns_pre_softmax_maps_and_ignores_padding():
     d = D_MODEL // HEADS
     q = attn_mod.q_proj(query + qpos).view(2, 5, HEADS, d).transpose(1, 2)
     k = attn_mod.k_proj(memory + mpos).view(2, 20, HEADS, d).transpose(1, 2)
-    torch.testing.assert_close(attn, q @ k.transpose(-1, -2) / d**0.5)
+    torch.testing.assert_close(attn, q @ k.transpose(-1, -2) / d**0.5)  # scale 1/4 exact: the same products
     # value path = softmax over the non-padding keys of the same logits
     v = attn_mod.v_proj(memory).view(2, 20, HEADS, d).transpose(1, 2)
     weights = attn.masked_fill(pad[:, None, None, :], float("-inf")).softmax(-1)
     expected = attn_mod.out_proj((weights @ v).transpose(1, 2).reshape(2, 5, D_MODEL))
+    # fused SDPA vs explicit softmax over 20 keys: float32 rounding (~1e-7 on O(1) values), so 1e-5
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # changing padded tokens changes nothing in the output
     memory2 = memory.clone()
     memory2[1, 12:] += 5.0
     out2, _ = attn_mod(query, memory2, qpos, mpos, pad)
-    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(out2, out)  # padded keys weigh exactly 0: the same sums (default float32 tol)
 
 
 # ----------------------------------------------------------------------------- MaskDecoder
@@ -170,9 +175,9 @@ def test_output_format_for_every_layer():
         assert out["stuff_logits"].shape == (2, 2)
         assert out["pred_masks"].shape == (2, 6, 8, 12)
     # layers really refine: different layers give different masks
-    assert (outs[0]["pred_masks"] - outs[2]["pred_masks"]).abs().max() > 1e-4
+    assert (outs[0]["pred_masks"] - outs[2]["pred_masks"]).abs().max() > 1e-4  # far above float32 rounding
     # class-fixed stuff FC: one logit per stuff query; focal prior on all class FCs
-    for fc in list(dec.stuff_class_embed) + list(dec.thing_class_embed):
+    for fc in list(dec.stuff_class_embed) + list(dec.thing_class_embed):  # float32 sigmoid(-log 99): few ulps
         torch.testing.assert_close(torch.sigmoid(fc.bias), torch.full_like(fc.bias, 0.01))
     assert all(fc.out_features == 1 for fc in dec.stuff_class_embed)
     # one mask head per layer
@@ -188,7 +193,8 @@ def test_joint_matching_and_stuff_only_query_sets():
     only_stuff = run(dec, queries, pos, 0, memory, mpos, None, SHAPES)
     assert only_stuff[-1]["thing_logits"].shape == (2, 0, NUM_THING_CLASSES)
     assert only_stuff[-1]["stuff_logits"].shape == (2, 6)
-    # no self-attention by default: queries do not interact, the split point only changes the heads
+    # no self-attention by default: queries do not interact, the split point only changes the heads (the same
+    # mask ops on the same tensors: default float32 tolerance)
     torch.testing.assert_close(only_things[-1]["pred_masks"], only_stuff[-1]["pred_masks"])
 
 
@@ -198,11 +204,11 @@ def test_num_layers_and_return_attention():
     full = run(dec, queries, pos, 4, memory, mpos, None, SHAPES, return_attention=True)
     first = run(dec, queries, pos, 4, memory, mpos, None, SHAPES, num_layers=1)
     assert len(first) == 1 and "attention" not in first[0]
-    for key in ("thing_logits", "stuff_logits", "pred_masks"):
+    for key in ("thing_logits", "stuff_logits", "pred_masks"):  # the same layer-0 ops: default float32 tol
         torch.testing.assert_close(first[0][key], full[0][key])
     s = sum(h * w for h, w in SHAPES)
     assert all(out["attention"].shape == (2, HEADS, 6, s) for out in full)
-    # the returned maps are the ones the masks are built from
+    # the returned maps are the ones the masks are built from (the same head on them: default tolerance)
     torch.testing.assert_close(dec.mask_heads[1](full[1]["attention"], layout(SHAPES)), full[1]["pred_masks"])
     with pytest.raises(ValueError, match="num_layers"):
         run(dec, queries, pos, 4, memory, mpos, None, SHAPES, num_layers=4)
@@ -216,7 +222,8 @@ def test_self_attention_switch():
     extra = names_sa - names_plain
     assert {n.split(".")[2] for n in extra} == {"self_attn", "norm_sa"}
     assert any(n.startswith("layers.0.self_attn.") for n in extra)
-    # with self-attention, queries interact: perturbing query 5 changes the mask of query 0
+    # with self-attention, queries interact: perturbing query 5 changes the mask of query 0; without, query
+    # 0's rows go through the same ops (difference 0), with it they move far beyond 1e-5
     queries, pos, memory, mpos = random_decoder_inputs()
     q2 = queries.clone()
     q2[:, 5] += 1.0
@@ -253,6 +260,8 @@ def test_padding_invariance_alone_vs_batched():
     pos = torch.cat([pos_alone, torch.randn(1, 6, D_MODEL, generator=g)])
     batched = run(dec, queries, pos, 4, memory, mpos, pad, BIG_SHAPES, return_attention=True)
 
+    # float32, alone vs batched with a padded partner: other matmul / softmax lengths and blockings (~1e-7
+    # each) through 2 layers; the bilinear weights are the same (scale 2 on both grids): atol 1e-5, rtol 1e-4
     for a, b in zip(alone, batched):
         torch.testing.assert_close(b["thing_logits"][0], a["thing_logits"][0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(b["stuff_logits"][0], a["stuff_logits"][0], atol=1e-5, rtol=1e-4)
@@ -267,6 +276,8 @@ def test_padding_invariance_alone_vs_batched():
     memory2[0, pad[0]] = -memory2[0, pad[0]] + 3.0
     mpos2[0, pad[0]] = 0.0
     again = run(dec, queries, pos, 4, memory2, mpos2, pad, BIG_SHAPES)
+    # padded keys weigh exactly 0 and padded map cells are overwritten (edge replication, fill): the same
+    # values; tolerances as above
     for b, c in zip(batched, again):
         torch.testing.assert_close(c["pred_masks"][0], b["pred_masks"][0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(c["thing_logits"][0], b["thing_logits"][0], atol=1e-5, rtol=1e-4)

@@ -106,6 +106,7 @@ def test_assignment_is_optimal_vs_brute_force(num_queries):
             sum(float(cost[q, j]) for j, q in enumerate(rows))
             for rows in itertools.permutations(range(num_queries), 4)
         )
+        # float32 sum of 4 costs (each |cost| < ~15) vs a float64 sum of the same entries: a few e-6 at most
         assert got == pytest.approx(best, abs=1e-5)
 
 
@@ -140,11 +141,15 @@ def test_cost_parts_match_independent_formulas():
             )
             expected[q, j] = 2 * focal + 5 * l1 - 2 * giou + 1 * dice
     got = HungarianMatcher().cost_matrix(target, pred_logits=logits, pred_boxes=boxes, pred_masks=masks)
+    # the reference's log(1 - p) of a float32 p errs by ~3e-8 / (1 - p) (~2e-5 at the largest logit, 6.6);
+    # float32 GIoU and 20-cell dice sums: ~1e-6. So 1e-4
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    # the helpers agree with the pieces of the sum
-    p = torch.sigmoid(logits[:, target["labels"]])
+    # the helpers agree with the pieces of the sum. The reference is computed in float64 (a float32 p would
+    # lose ~3e-8 / (1 - p) in log(1 - p): 2.6e-5 at logit 6.6); the float32 helper is then within a few
+    # float32 roundings of a cost of at most ~15: 1e-5
+    p = torch.sigmoid(logits[:, target["labels"]].double())
     torch.testing.assert_close(
-        focal_class_cost(logits, target["labels"]),
+        focal_class_cost(logits, target["labels"]).double(),
         alpha * (1 - p) ** gamma * -p.log() - (1 - alpha) * p**gamma * -(1 - p).log(),
         atol=1e-5,
         rtol=1e-5,
@@ -187,6 +192,7 @@ def test_mask_mass_centers():
     masks[1, 3, 0:3] = True  # L-ish shape
     got = mask_mass_centers(masks, (12, 16))
     assert got.shape == (3, 2)
+    # float32: exact sums of half-integers, then two divisions (1-2 roundings): default float32 tolerance
     torch.testing.assert_close(got[0], torch.tensor([7.0 / 16, 4.0 / 12]))
     ys, xs = np.nonzero(masks[1].numpy())
     torch.testing.assert_close(got[1], torch.tensor([(xs + 0.5).mean() / 16, (ys + 0.5).mean() / 12]).float())
@@ -197,6 +203,7 @@ def test_downsample_masks_is_area_average():
     gen = torch.Generator().manual_seed(6)
     masks = torch.rand(20, 16, 24, generator=gen) > 0.5  # > one chunk of 16
     got = downsample_masks(masks, (2, 3))
+    # means of 64 zeros and ones: exact integer sums / 64 on both paths
     torch.testing.assert_close(got, masks.float().view(20, 2, 8, 3, 8).mean(dim=(2, 4)))
     assert downsample_masks(masks[:0], (2, 3)).shape == (0, 2, 3)
 
@@ -246,6 +253,7 @@ def test_multi_round_match_rounds_are_disjoint_matchings():
                 sum(float(cost[row, j]) for j, row in enumerate(rows))
                 for rows in itertools.permutations(left.nonzero()[:, 0].tolist(), m)
             )
+            # float32 sum of <= 3 costs vs a float64 sum of the same entries: a few e-6 at most
             assert float(cost[q[r == 1], g[r == 1]].sum()) == pytest.approx(best, abs=1e-5)
 
 

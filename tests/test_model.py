@@ -118,6 +118,7 @@ def test_inference_with_first_k_mask_decoder_layers_uses_layer_k(batches):
     with torch.no_grad():
         all_layers = model.forward_outputs(images, return_attention=True)["mask"]  # every layer's masks
         first = model.forward_outputs(images, num_mask_layers=1)["mask"]
+    # the same layer-0 ops on the same tensors (same shapes): equal, allclose's defaults a formality
     assert len(first) == 1 and torch.allclose(first[0]["pred_masks"], all_layers[0]["pred_masks"])
 
 
@@ -137,7 +138,7 @@ def test_masks_to_image_ignores_padding_and_batch_partners():
     out = upsample_masks_to_image(padded, (37, 53), 8, (74, 106))
     ref = upsample_masks_to_image(own, (37, 53), 8, (74, 106))
     assert out.shape == (3, 74, 106)
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, ref)  # both upsample the same 5x7 cells: the same kernel (default tol)
     assert out.min() > -100  # no -1e4 padding value leaked into the border
 
 
@@ -207,6 +208,7 @@ def test_masks_reach_images_that_are_not_a_multiple_of_8_at_stride_8():
         model.inference(outputs, [{"image": image}], images, postprocessor=capture)
     expected = (torch.arange(21.0) - 3.5).clamp(0, 16).expand(45, 21)
     assert seen["logits"].shape == (q, 45, 21)
+    # scale 3 / 24 = 1/8: bilinear weights are multiples of 1/16, exact in float32 on values <= 16
     torch.testing.assert_close(seen["logits"][0], expected, rtol=0, atol=1e-5)
 
 
@@ -221,6 +223,8 @@ def test_bf16_autocast_inference_and_training_step_on_cpu(batches):
             out = model(test)
     for r, o in zip(ref, out):
         assert torch.isfinite(o["sem_seg"]).all()
+        # bf16 keeps 8 mantissa bits (~4e-3 relative a rounding), compounded through the layers; sem_seg
+        # values are probabilities in [0, 1]: atol 2e-2
         torch.testing.assert_close(o["sem_seg"].float(), r["sem_seg"], atol=2e-2, rtol=0)
         assert o["panoptic_seg"][0].dtype == torch.int32
     model.train()
@@ -255,26 +259,51 @@ def _predictions_with_segments(seed=1):
 
 def test_full_resolution_outputs_do_not_depend_on_the_chunk_size():
     """Queries reach full resolution in chunks (issue 15); one query per chunk gives the same outputs
-    as all at once (sem_seg accumulates per chunk: within float rounding)."""
+    as all at once, up to float rounding.
+
+    Not bit for bit: ATen's element-wise kernels compute the tail of each vectorised loop (and of each
+    thread's share) with scalar code, whose sigmoid may differ from the vectorised one by 1 ulp, and the
+    chunk length decides which elements are tails. So mask probabilities may differ by ~6e-8: binary
+    masks and the panoptic map are equal except at pixels whose probability lies within 1e-6 of the
+    threshold (counted: at most 1e-3 of the pixels), segments and instances keep their ids, classes and
+    order, and scores agree within 1e-6 relative (means of probabilities that differ by <= 1 ulp)."""
     model, image_size, (dist, probs, labels, is_thing, maps) = _predictions_with_segments()
     with torch.no_grad():
         whole = model.full_resolution_outputs(model.postprocessor, maps, dist, probs, labels, is_thing,
                                               image_size, (150, 200))
         single = model.full_resolution_outputs(model.postprocessor, maps, dist, probs, labels, is_thing,
                                                image_size, (150, 200), chunk_elements=1)
-    pan, segments = whole["panoptic_seg"]
-    assert len(segments) >= 2 and {s["isthing"] for s in segments} == {True, False}
-    assert torch.equal(pan, single["panoptic_seg"][0]) and segments == single["panoptic_seg"][1]
-    a, b = whole["instances"], single["instances"]
-    assert len(a) == len(b) > 0
-    for field in ("pred_masks", "scores", "pred_classes"):
-        assert torch.equal(a.get(field), b.get(field)), field
-    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
-    torch.testing.assert_close(whole["sem_seg"], single["sem_seg"], rtol=1e-6, atol=1e-6)
-    # Instances: the top thing results by score, ties by query index, masks > mask threshold.
-    things = is_thing.nonzero().squeeze(1)
     full_probs = model.mask_decoder.mask_probabilities(
         upsample_masks_to_image(maps, image_size, model.mask_stride, (150, 200)))
+    at_threshold = ((full_probs - model.mask_threshold).abs() <= 1e-6).any(0)
+
+    def differ_only_at_threshold(x, y):
+        diff = x != y
+        diff = diff.any(0) if diff.dim() == 3 else diff
+        return bool(at_threshold[diff].all()) and int(diff.sum()) <= 1e-3 * diff.numel()
+
+    pan, segments = whole["panoptic_seg"]
+    assert len(segments) >= 2 and {s["isthing"] for s in segments} == {True, False}
+    assert differ_only_at_threshold(pan, single["panoptic_seg"][0])
+    other = single["panoptic_seg"][1]
+    assert [{k: v for k, v in s.items() if k != "score"} for s in segments] == \
+        [{k: v for k, v in s.items() if k != "score"} for s in other]
+    torch.testing.assert_close(torch.tensor([s["score"] for s in segments]), torch.tensor([s["score"] for s in other]),
+                               rtol=1e-6, atol=0)  # means of probabilities that differ by <= 1 ulp
+    a, b = whole["instances"], single["instances"]
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_classes, b.pred_classes) and differ_only_at_threshold(a.pred_masks, b.pred_masks)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=0)  # as the segment scores
+    same_masks = (a.pred_masks == b.pred_masks).flatten(1).all(1)
+    assert torch.equal(a.pred_boxes.tensor[same_masks], b.pred_boxes.tensor[same_masks])  # boxes of equal masks
+    # sums of n query products >= 0 in two orders, of probabilities up to 1 ulp apart: within 2 gamma_n + 2u
+    # of the value (u = 2^-24; the test below derives the bound)
+    n, u = len(dist), 2.0 ** -24
+    torch.testing.assert_close(whole["sem_seg"], single["sem_seg"], rtol=2 * n * u / (1 - n * u) + 2 * u, atol=0)
+    # Instances: the top thing results by score, ties by query index, masks > mask threshold. `whole` brings
+    # every query to full resolution in one chunk, as full_probs does: the same kernels on the same
+    # tensors, so the same bits.
+    things = is_thing.nonzero().squeeze(1)
     binary = full_probs[things] > model.mask_threshold
     areas, prob_sums, _, _ = binary_mask_stats(full_probs, model.mask_threshold, things.tolist())
     scores = mean_mask_instance_scores(probs[things], areas, prob_sums)
@@ -282,6 +311,7 @@ def test_full_resolution_outputs_do_not_depend_on_the_chunk_size():
     assert torch.equal(a.scores, scores[order].float()) and torch.equal(a.pred_masks, binary[order])
     # ... which is the class probability times the mean probability inside the binary mask.
     plain = probs[things] * (full_probs[things] * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    # float32 sum of 30000 probabilities vs float32 row sums of 200 added in float64: ~1e-7 relative apart
     torch.testing.assert_close(a.scores, plain[order], rtol=1e-6, atol=0)
 
 
@@ -290,8 +320,8 @@ def test_sem_seg_equals_the_dense_semantic_inference(decoupled):
     """sem_seg is Detectron2's / Mask2Former's semantic inference, sum_q dist[q, k] * sigmoid(mask_q)
     at full resolution (their einsum, written independently here). With query decoupling the thing
     queries update only the thing planes and each stuff query writes its own plane: a stuff plane is then
-    its query's probabilities times its class probability (one rounding of one product: bit-identical),
-    and the whole map equals the dense product over the same chunks to float32 summation rounding."""
+    its query's probabilities times its class probability (one rounding of one product), and the whole
+    map equals the dense product over the same chunks to float32 summation rounding."""
     from panoptic_segformer.panoptic_segformer import _SemanticMap
 
     model, image_size, (dist, probs, labels, is_thing, maps) = _predictions_with_segments()
@@ -308,8 +338,10 @@ def test_sem_seg_equals_the_dense_semantic_inference(decoupled):
             # Every value is a sum of n = len(dist) products of numbers in [0, 1], all >= 0: each float32
             # summation order is within gamma_n = n u / (1 - n u) (u = 2^-24) of the exact sum relative to
             # the value itself, so two orders differ by at most 2 gamma_n of it (no absolute term needed).
+            # The probabilities themselves may differ by 1 ulp (2u relative) between the model's query chunks
+            # and `full` (ATen computes the tails of vectorised loops with a scalar sigmoid): 2u more.
             n, u = len(dist), 2.0 ** -24
-            rtol = 2 * n * u / (1 - n * u)
+            rtol = 2 * n * u / (1 - n * u) + 2 * u
             torch.testing.assert_close(sem, torch.einsum("qc,qhw->chw", dist, full), rtol=rtol, atol=0)
             dense = _SemanticMap(dist, 150, 200)
             for rows in torch.arange(len(dist)).split(max(1, chunk_elements // (150 * 200))):
@@ -321,7 +353,8 @@ def test_sem_seg_equals_the_dense_semantic_inference(decoupled):
         stuff = (~is_thing).nonzero().squeeze(1)
         assert len(stuff) > 0
         for q in stuff.tolist():
-            assert torch.equal(sem[labels[q]], full[q] * dist[q, labels[q]])
+            # one product of a probability (1 ulp apart at most, see above) and the class probability
+            torch.testing.assert_close(sem[labels[q]], full[q] * dist[q, labels[q]], rtol=4 * 2.0 ** -24, atol=0)
     # Not the block structure (a thing query with a stuff class probability): the dense product.
     broken = dist.clone()
     broken[0, model.stuff_ids[0]] = 0.5

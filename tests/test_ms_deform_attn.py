@@ -67,8 +67,8 @@ def test_core_matches_explicit_bilinear_float64():
     out = ms_deform_attn_core(value, _spatial_shapes(), loc, weights)
     ref = reference_core(value, _spatial_shapes(), loc, weights)
     assert out.shape == (N, Q, M * D)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    # a point exactly on a pixel centre reads that pixel
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)  # float64, 4-corner sums: rounding ~1e-15
+    # a point exactly on a pixel centre reads that pixel (float64: (3.5 / 7) * 7 - 0.5 is 3 within ~1e-15)
     one_hot = torch.zeros_like(weights)
     one_hot[0, 0, 1, 0, 2] = 1.0
     out1 = ms_deform_attn_core(value, _spatial_shapes(), loc, one_hot)
@@ -99,6 +99,8 @@ def test_core_gradcheck_float64():
     loc = _jittered_locations(g, N, Q, M, P).requires_grad_(True)
     weights = torch.rand(N, Q, M, len(SHAPES), P, generator=g, dtype=torch.float64, requires_grad=True)
     shapes = _spatial_shapes()
+    # float64; each input enters linearly between kinks (>= 0.1 px > eps away): central differences are
+    # exact up to rounding (~1e-16 / 1e-6 = 1e-10), so atol 1e-7
     assert torch.autograd.gradcheck(
         lambda v, s, a: ms_deform_attn_core(v, shapes, s, a), (value, loc, weights), eps=1e-6, atol=1e-7
     )
@@ -113,9 +115,10 @@ def test_core_dtypes_and_location_cast():
     ref = ms_deform_attn_core(value.double(), _spatial_shapes(), loc.double(), w.double())
     out32 = ms_deform_attn_core(value, _spatial_shapes(), loc, w)
     assert out32.dtype == torch.float32
-    torch.testing.assert_close(out32.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out32.double(), ref, atol=1e-5, rtol=1e-5)  # float32 6-point sum: ~1e-7
     out_bf16 = ms_deform_attn_core(value.bfloat16(), _spatial_shapes(), loc, w)  # float32 locs cast
     assert out_bf16.dtype == torch.bfloat16
+    # bf16 values and output, 8 mantissa bits (~4e-3 relative a rounding) over a few roundings: 5% / 0.1
     torch.testing.assert_close(out_bf16.double(), ref, atol=0.1, rtol=0.05)
 
 
@@ -131,6 +134,7 @@ def test_core_half_precision_on_cpu_has_no_nan():
         out = ms_deform_attn_core(value, levels, loc, weights)
         ref = ms_deform_attn_core(value.double(), levels, loc.to(dtype).double(), weights.to(dtype).double())
         assert not out.isnan().any(), dtype
+        # the core forms pixel coordinates x W - 0.5 in bf16 (~0.1 px off at W = 33): 10% relative L2
         assert ((out.double() - ref).norm() / ref.norm()).item() < 0.1, dtype  # bf16 pixel coordinates
 
 
@@ -187,8 +191,10 @@ def test_init_offsets_on_circle_of_directions():
     angles = torch.atan2(bias[..., 1], bias[..., 0])  # (M, L, P)
     expected = torch.arange(M, dtype=torch.float32) * 2 * math.pi / M
     expected = torch.atan2(expected.sin(), expected.cos())  # wrap to (-pi, pi]
+    # float32 atan2 of float32 cos / sin: ~1e-7 rad
     torch.testing.assert_close(angles, expected.view(M, 1, 1).expand(M, L, P), atol=1e-5, rtol=0)
-    # point k (1-based) lies k times as far as the first point, whose largest coordinate is 1
+    # point k (1-based) lies k times as far as the first point, whose largest coordinate is 1 (the same
+    # float32 divisions and products as the init: default tolerance, here and for the uniform softmax)
     torch.testing.assert_close(bias[:, :, 0].abs().amax(-1), torch.ones(M, L))
     for k in range(P):
         torch.testing.assert_close(bias[:, :, k], (k + 1) * bias[:, :, 0])
@@ -226,7 +232,7 @@ def test_module_matches_explicit_computation(ref_dim):
                         ref[:, :, None, lvl, 2:] * 0.5 / P
                     )
         expected = attn.output_proj(reference_core(value, SHAPES, loc, w))
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)  # float64 throughout: rounding ~1e-15
 
 
 def test_padding_mask_removes_padded_values():
@@ -245,8 +251,8 @@ def test_padding_mask_removes_padded_values():
     x_changed[mask] = torch.randn(int(mask.sum()), C, generator=g) * 10
     out = attn(query, ref, x, _layout(mask))
     out_changed = attn(query, ref, x_changed, _layout(mask))
-    torch.testing.assert_close(out, out_changed, atol=1e-6, rtol=0)
-    # without the mask those values do contribute
+    torch.testing.assert_close(out, out_changed, atol=1e-6, rtol=0)  # padded values zeroed: the same sums
+    # without the mask those values (x 10) do contribute, far beyond allclose's tolerance
     assert not torch.allclose(attn(query, ref, x, unpadded), attn(query, ref, x_changed, unpadded))
 
 
@@ -301,6 +307,7 @@ def test_core_equals_the_previous_implementation_float64():
     old_grads = torch.autograd.grad(old, (value, loc, weights), grad_out)
     for formulation in (ms_deform_attn_core, ms_deform_attn_grid_sample):
         new = formulation(value, sizes, loc, weights)
+        # float64, other summation orders: ~1e-15 on O(1) outputs; gradients (x level size <= 17): 1e-11
         torch.testing.assert_close(new, old, atol=1e-12, rtol=0)
         for a, b in zip(torch.autograd.grad(new, (value, loc, weights), grad_out), old_grads):
             torch.testing.assert_close(a, b, atol=1e-11, rtol=0)

@@ -108,6 +108,9 @@ def test_forward_and_gradients_match_pytorch_fp32(D):
     out, g_value, g_loc, g_weights = _run(_triton, value, loc, weights, grad_out)
     r_out, r_value, r_loc, r_weights = _run(_reference, value, loc, weights, grad_out)
     assert out.shape == (2, 5, 2 * D) and out.dtype == torch.float32
+    # two fp32 implementations (interpreter numpy vs ATen): 4-corner x 6-point sums and colliding
+    # value-gradient atomics in other orders, ~1e-7 on O(1) values, so 1e-5; location gradients are
+    # differences of neighbouring pixels times W, H <= 7 (and >= 0.05 px from kinks): atol 1e-4
     torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_value, r_value, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_weights, r_weights, atol=1e-5, rtol=1e-5)
@@ -121,16 +124,21 @@ def test_forward_and_gradients_match_pytorch_fp32(D):
 def test_forward_exact_pixel_centres_and_huge_coordinates():
     value, loc, weights = (t.float() for t in _inputs(1, D=4, kinks=True))
     out = _triton(value, loc, weights)
+    # the forward is continuous at kinks: fp32 rounding of the sums only (~1e-7), so 1e-5
     torch.testing.assert_close(out, _reference(value, loc, weights), atol=1e-5, rtol=1e-5)
     # a point exactly on a pixel centre reads that pixel, huge coordinates read zeros
     one_hot = torch.zeros_like(weights)
     one_hot[0, 1, 0, 0, 0] = 1.0
+    # fp32 (3.5 / 7) * 7 - 0.5 is 3 within an ulp: the pixel's value up to the default float32 tolerance
     torch.testing.assert_close(_triton(value, loc, one_hot)[0, 1, :4], value[0, 2 * 7 + 3, 0])
     one_hot.zero_()
     one_hot[0, 2, 0, :, 0] = 1.0
     assert _triton(value, loc, one_hot)[0, 2].abs().max() == 0
 
 
+# The reference does exact (float64) maths on the same rounded inputs: what is left is the half-precision
+# rounding of outputs and value gradients, fp16 10 mantissa bits (~1e-3 relative), bf16 8 (~4e-3), a few
+# roundings each; location gradients (x W, H, neighbour differences) get 10x atol
 @needs_interpreter
 @pytest.mark.parametrize(
     "dtype,mixed,atol",
@@ -166,7 +174,7 @@ def test_only_requested_gradients_are_returned():
     out = _triton(value, loc, weights)
     (g_loc,) = torch.autograd.grad(out.sum(), loc)
     (r_loc,) = torch.autograd.grad(_reference(value, loc, weights).sum(), loc)
-    torch.testing.assert_close(g_loc, r_loc, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(g_loc, r_loc, atol=1e-4, rtol=1e-5)  # as in the fp32 test above
 
 
 def test_triton_function_validates_shapes():
@@ -221,7 +229,7 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # a module built with impl="triton"
         x = torch.randn(2, S, 8)
         MSDeformAttn(8, L, 2, 2, impl="triton")(x[:, :3], torch.rand(2, 3, L, 2), x, _layout())
-    # the automatic choice still works on CPU
+    # the automatic choice still works on CPU: it runs ms_deform_attn_core itself, bit-equal
     torch.testing.assert_close(
         ms_deform_attn(value, _layout(), loc, weights), _reference(value, loc, weights), atol=0, rtol=0
     )
@@ -239,6 +247,7 @@ def test_dispatch_runs_the_chosen_kernel():
     assert backend("auto") == "pytorch"  # auto on CPU, even in the interpreter
     assert backend("triton") == "triton"
     assert backend("pytorch") == "pytorch"
+    # two fp32 implementations: ~1e-7 apart on O(1) values (as in the fp32 test above)
     torch.testing.assert_close(
         ms_deform_attn(value, _layout(), loc, weights, impl="triton"),
         ms_deform_attn(value, _layout(), loc, weights, impl="pytorch"),
@@ -268,6 +277,8 @@ def test_module_forward_backward_same_with_either_backend():
         out = attn(query, ref, x, _layout())
         out.square().sum().backward()
         results[impl] = (out.detach(), [p.grad.clone() for p in attn.parameters()])
+    # outputs as in the fp32 test (1e-5); parameter gradients sum many such terms, the offsets' through
+    # location gradients (x W, H): 1e-4
     torch.testing.assert_close(results["triton"][0], results["pytorch"][0], atol=1e-5, rtol=1e-5)
     for g_t, g_p in zip(results["triton"][1], results["pytorch"][1]):
         torch.testing.assert_close(g_t, g_p, atol=1e-4, rtol=1e-4)

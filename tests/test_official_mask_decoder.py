@@ -54,6 +54,7 @@ def test_official_mask_head_formula_and_size():
         a = F.relu(F.conv2d(a, fc.weight[:, :, None, None], fc.bias))
         maps.append(F.interpolate(a, size=SHAPES[0], mode="bilinear", align_corners=False))
     ref = F.relu(F.conv2d(torch.cat(maps, 1), head.fc.weight[:, :, None, None], head.fc.bias))
+    # Linear layers vs 1x1 convolutions (other float32 kernels, 8- and 24-term sums): ~1e-7, so 1e-5
     torch.testing.assert_close(out, ref.view(2, 5, 6, 8), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not match"):
         head(attn[..., :-1], _layout(2))
@@ -72,15 +73,19 @@ def test_official_decoder_outputs_and_query_independence():
     # Thing branch: no self-attention and no positional query -> each thing query is independent of
     # the others and of query_pos; dropping thing query 0 leaves the others unchanged.
     out2 = _run(dec, torch.cat([q[:, 1:4], q[:, 4:]], 1), 3, torch.cat([pos[:, 1:4], pos[:, 4:]], 1))[0]
+    # 9 queries instead of 10: other matmul shapes, float32 rounding ~1e-7 over 2 layers, so 1e-5
     torch.testing.assert_close(out2["thing_logits"], o["thing_logits"][:, 1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out2["pred_masks"], o["pred_masks"][:, 1:], rtol=1e-5, atol=1e-5)
     pos_other = pos.clone()
     pos_other[:, :4] = torch.randn(1, 4, 32)
+    # query_pos is never read by the thing branch: the same ops and shapes (default float32 tolerance)
     torch.testing.assert_close(_run(dec, q, 4, pos_other)[0]["thing_logits"], o["thing_logits"])
     # Stuff branch: self-attention couples stuff queries (dropping one changes the others), and it is
     # permutation-equivariant; its positional queries matter.
     perm = torch.tensor([0, 1, 2, 3, 9, 8, 7, 6, 5, 4])
     out3 = _run(dec, q[:, perm], 4, pos[:, perm])[0]
+    # permuted keys: self-attention sums in another order through 3 layers (~1e-6 relative), so rtol 1e-4;
+    # dropping a stuff query or changing the positions moves the others far beyond atol 1e-4 (below)
     torch.testing.assert_close(out3["stuff_logits"], o["stuff_logits"][:, perm[4:] - 4], rtol=1e-4, atol=1e-5)
     out4 = _run(dec, q[:, :9], 4, pos[:, :9])[0]
     assert not torch.allclose(out4["stuff_logits"], o["stuff_logits"][:, :5], atol=1e-4)
@@ -126,7 +131,7 @@ def test_meta_architecture_in_official_mode():
     assert torch.equal(out["thing_query_index"][0], top.indices // loc.shape[1])
     thing_logits = out["mask"][-1]["thing_logits"][0]
     assert thing_logits.shape == (7, loc.shape[1])
-    torch.testing.assert_close(thing_logits.max(-1).values, top.values)
+    torch.testing.assert_close(thing_logits.max(-1).values, top.values)  # copies of the top values
     assert torch.equal(thing_logits.argmax(-1), top.indices % loc.shape[1])
     assert torch.isinf(thing_logits).sum() == 7 * (loc.shape[1] - 1)
     # Masks at 1/8 from the three backbone levels; end-to-end Detectron2 outputs.

@@ -26,6 +26,7 @@ def test_official_resize_by_hand():
     # [0, 1] -> 4 columns: source x = (x + 0.5) * 2 / 4 - 0.5 = -0.25, 0.25, 0.75, 1.25, clamped to
     # the end cells: 0, 0.25, 0.75, 1.
     out = resize_masks_to_image(torch.tensor([[[0.0, 1.0]]]), (8, 16), 8, (1, 4))
+    # weights 0.25 / 0.75 on 0 and 1: exact in float32, bit-equal
     torch.testing.assert_close(out, torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]), rtol=0, atol=0)
 
 
@@ -39,6 +40,7 @@ def test_official_resize_of_a_non_multiple_of_8_image_uses_only_its_cells():
     x = torch.arange(42.0)
     expected = 8 * ((x + 0.5) * 3 / 42 - 0.5).clamp(0, 2)
     assert out.shape == (1, 26, 42)
+    # float32 weights from scale 3 / 42 (not dyadic) on values <= 16: ~2e-6, so atol 1e-5
     torch.testing.assert_close(out[0], expected.expand(26, 42), rtol=0, atol=1e-5)
     # The generic rule upsamples by 8, crops 21 of 24 columns and resizes: another geometry.
     generic = upsample_masks_to_image(masks, (13, 21), 8, (26, 42))
@@ -109,6 +111,7 @@ def test_official_merge_hand_built_case():
         (1, 0, True), (2, 1, True), (3, 5, False), (4, 0, True), (5, 4, True), (6, 6, False)]
     scores = [0.2 * (12 / 5) ** 2, 0.81 ** 2, 0.9 * 0.75 ** 2, (7.5 / 11) ** 2, (2 / 3) ** 2,
               0.95 * (12 / 21) ** 2]
+    # float32 mask values (0.9, 0.95, ...) in float64 scores vs the decimal formulas: ~1e-7 relative
     assert [s["score"] for s in segments] == pytest.approx(scores, rel=1e-6)
     # The official (2, H, W) output: categories (contiguous id + 1) and thing instance ids.
     maps = official_maps(pan, segments)
@@ -140,6 +143,7 @@ def test_official_instance_scores_rank_things_by_the_panoptic_score():
     masks, class_probs, labels, is_thing = _hand_built_case()
     areas, prob_sums, _, _ = binary_mask_stats(masks, 0.5)
     scores = OfficialMerging().instance_scores(class_probs, areas, prob_sums)
+    # float64 scores of float32 inputs, cast to float32: within an ulp or two (default float32 tolerance)
     torch.testing.assert_close(scores[[0, 1, 2, 6]].float(),
                                torch.tensor([0.2 * 2.4 ** 2, 0.81 ** 2, 0.25, 0.0]))
 
@@ -270,5 +274,7 @@ def test_official_mode_equals_the_ported_official_inference_on_a_non_multiple_of
     assert len(inst) == len(labels_th) == 12
     assert torch.equal(contiguous[labels_th], inst.pred_classes[order])
     assert torch.equal(seg_th, inst.pred_masks[order])
+    # scores: float32 sums of 13231 mask values vs row sums added in float64 (~1e-7 relative): rtol 1e-5;
+    # boxes: the same float32 corners scaled to <= 131 px in another order (ulp ~8e-6): atol 1e-4
     torch.testing.assert_close(inst.scores[order], bbox_th[:, 4], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(inst.pred_boxes.tensor[order], bbox_th[:, :4], rtol=1e-5, atol=1e-4)

@@ -123,6 +123,7 @@ def assert_same_segments(got, expected):
         assert (g["id"], g["category_id"], g["isthing"]) == (e["id"], e["category_id"], e["isthing"])
         assert isinstance(g["id"], int) and isinstance(g["category_id"], int)
         assert isinstance(g["isthing"], bool)
+        # float64, exact sums of k/16 values: one division and a power or two (~1e-16), so rel 1e-12
         assert g["score"] == pytest.approx(e["score"], rel=1e-12, abs=1e-15)
 
 
@@ -167,6 +168,7 @@ def test_mask_wise_thing_and_stuff_thresholds_and_stuff_join():
     pan, seg = mask_wise_merge(m, p, labels, is_thing, conf_threshold=(0.25, 0.35), keep_threshold=0.6)
     # One segment for stuff class 7 (both queries), the thing passes t_cnf(thing)=0.25 but is
     # mostly covered (kept 0 pixels) -> dropped; stuff class 8 fails t_cnf(stuff) = 0.35.
+    # mask mean exactly 1: s = p in float64, inside approx's default rel 1e-6
     assert seg == [{"id": 1, "category_id": 7, "isthing": False, "score": pytest.approx(0.9)}]
     assert pan.eq(1).all()
     # With t_keep = 0 for stuff, the covered stuff query still makes no empty segment.
@@ -345,6 +347,7 @@ def test_pixel_argmax_removes_tiny_segments_and_merges_stuff():
     p = torch.tensor([0.9, 0.95, 0.99, 0.5])
     pan, seg = PixelArgmax()(logits.sigmoid(), p, torch.tensor([9, 9, 1, 2]),
                              torch.tensor([False, False, True, True]), mask_logits=logits)
+    # the score is the class probability, float32 0.9 (rel ~3e-8), inside approx's default rel 1e-6
     assert seg == [{"id": 1, "category_id": 9, "isthing": False, "score": pytest.approx(0.9)}]
     assert pan.eq(1).all()
 
@@ -414,6 +417,7 @@ def test_user_can_register_and_build_a_postprocessor():
         for name in ("test_largest_mask_only", "LargestMaskOnly"):
             pp = build_postprocessor(name, mask_threshold=0.6)
             pan, seg = pp(m, torch.tensor([0.9, 0.3]), torch.tensor([4, 8]), torch.tensor([True, False]))
+            # the score is the class probability, float32 0.3, inside approx's default rel 1e-6
             assert seg == [{"id": 1, "category_id": 8, "isthing": False, "score": pytest.approx(0.3)}]
             assert pan[1:].eq(1).all() and not pan[0].any()
         with pytest.raises(ValueError, match="class_probs"):  # the base class validates inputs
