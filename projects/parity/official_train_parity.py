@@ -1,0 +1,552 @@
+#!/usr/bin/env python
+"""One-off check (issue 25): the authors' TRAINING step, dumped for a comparison with this project.
+
+NOT part of the test suite or CI, and never imported by them: it needs the authors' code
+(zhiqi-li/Panoptic-SegFormer, commit cdb9b68) and its environment (Python 3.8, torch 1.8.1, mmcv-full
+1.3.4 without compiled ops, mmdet 2.12.0), built by hand outside the repository -- the recipe is in
+docs/BENCHMARKS.md ("Official mode vs the authors' code"). Run from the repository root with this
+project's venv::
+
+    python -m projects.parity.official_train_parity --official-python /work/venvs/official/bin/python \\
+        --official-src /path/to/Panoptic-SegFormer --coco-sample /path/to/coco_panoptic_sample \\
+        --work-dir /tmp/official_train_parity [--fixture tests/data/official_train_step.npz]
+
+``--stage official`` (run by the script itself under ``--official-python``; this part is Python 3.8):
+
+1. Builds THEIR model (``PanSeg`` + ``PanformerHead``) from ``configs/panformer/panformer_r50_24e_coco_panoptic.py``
+   at REDUCED WIDTH (:data:`REDUCED`: ResNet-50 with ``base_channels`` 4, embed dims 32, FFN 128, 20 thing
+   queries; every depth, head count, level count, loss, assigner and the optimizer config stay theirs),
+   seeded (``--seed``), dropout off (every ``nn.Dropout`` p=0, ``nn.MultiheadAttention.dropout`` 0). mmdet's
+   ResNet initialises the last BatchNorm of each bottleneck to 0 (``zero_init_residual``) and the frozen BNs
+   to identity, which would make every residual branch dead (zero gradients): the frozen BN parameters and
+   statistics are set to seeded random values first (:func:`_randomize_frozen_bn`), so the backbone carries
+   gradients; and every trainable tensor outside the backbone that their init leaves all-zero gets seeded
+   N(0, 0.02) (:func:`_perturb_zero_init`), so that no gradient is zero just because of the init. Saves the
+   ``state_dict`` (their names).
+2. Writes the 2 COCO sample images' panoptic ground truth in their training format (their
+   ``tools/converter.py``: one RLE per segment, category order of the panoptic categories) and runs their
+   data pipeline classes (``LoadImageFromFile``, ``LoadAnnotations(with_bbox, with_mask)``, ``RandomFlip``,
+   ``Resize``, ``RandomCrop(absolute_range, allow_negative_crop)``, ``Normalize``, ``Pad(1)``,
+   ``DefaultFormatBundle``, ``Collect``) with FIXED choices (:data:`CHOICES`; small scales so the images
+   are ~128 px high): image 000000142238 goes through their crop policy (flip, resize, crop, resize),
+   000000439180 through their multi-scale policy (no flip). The random draws of ``RandomCrop`` are
+   replaced by the fixed values (checked against the ranges it asks for).
+3. Per image, from the initial weights, one image per forward (``samples_per_gpu=1``) on 1 thread:
+   ``PanSeg.forward_train`` + ``_parse_losses`` + backward. Dumps the input tensor, the targets (masks,
+   boxes, labels), every loss term, every Hungarian assignment (location-decoder layers 0..L-2 through
+   ``assigner``, the last layer through ``assigner_filter`` (query filter), the mask decoder through
+   ``assigner_with_mask``; the cost matrices scipy saw, and the rows/columns it returned), every
+   parameter's gradient.
+4. From the initial weights again: 3 iterations (images 0, 1, 0) of their optimizer step: mmcv's
+   ``build_optimizer`` (AdamW, lr 1.4e-4, weight decay 1e-4, ``paramwise_cfg`` lr_mult 0.1 for
+   ``backbone`` / ``sampling_offsets`` / ``reference_points``) and ``OptimizerHook.clip_grads`` (L2,
+   max-norm 0.1); dumps each iteration's losses and gradient norm, and each tensor's total update.
+
+Everything goes to ``--work-dir/official_train_dump.pth``; ``--fixture`` writes the subset a test needs
+(:func:`write_fixture`). The stage of this project (converting the weights and computing our losses on
+the same inputs) is ``--stage ours`` (:func:`our_stage`).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+__all__ = ["main", "REDUCED", "CHOICES"]
+
+OFFICIAL_CONFIG = os.path.join("configs", "panformer", "panformer_r50_24e_coco_panoptic.py")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DUMP_NAME = "official_train_dump.pth"
+
+# Reduced width of their R50 config (depths, heads, levels, losses unchanged).
+REDUCED = dict(base_channels=4, embed_dims=32, feedforward_channels=128, num_query=50)
+
+# Fixed augmentation choices per image (their pipeline classes, small scales). "policy": "crop" is
+# their 2nd AutoAugment policy (Resize -> RandomCrop(absolute_range) -> Resize(override)), "resize" their
+# 1st (one multi-scale Resize). crop = (crop_h, crop_w, offset_h, offset_w), drawn inside crop_range.
+CHOICES = {
+    "000000142238.jpg": dict(flip=True, policy="crop", scale1=(200, 4200), crop_range=(96, 192),
+                             crop=(120, 180, 50, 60), scale2=(128, 1333)),
+    "000000439180.jpg": dict(flip=False, policy="resize", scale2=(128, 1333)),
+}
+STEP_IMAGES = (0, 1, 0)  # images of the 3 optimizer steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage "official": the authors' code (their Python 3.8 venv; keep this part Python 3.8 syntax).
+# ------------------------------------------------------------------------------------------------
+def _reduce_width(cfg, reduced):
+    m = cfg.model
+    m.pretrained = None
+    b = reduced["base_channels"]
+    d, f = reduced["embed_dims"], reduced["feedforward_channels"]
+    m.backbone.base_channels = b
+    m.neck.in_channels = [b * 4 * 2, b * 4 * 4, b * 4 * 8]
+    m.neck.out_channels = d
+    head = m.bbox_head
+    head.num_query = reduced["num_query"]
+    tr = head.transformer
+    tr.encoder.transformerlayers.attn_cfgs.embed_dims = d
+    tr.encoder.transformerlayers.feedforward_channels = f
+    for attn in tr.decoder.transformerlayers.attn_cfgs:
+        attn.embed_dims = d
+    tr.decoder.transformerlayers.feedforward_channels = f
+    head.positional_encoding.num_feats = d // 2
+    head.thing_transformer_head.d_model = d
+    head.stuff_transformer_head.d_model = d
+    return cfg
+
+
+def _fix_adamw_groups_without_gradients():
+    """torch 1.8's ``AdamW.step`` reads ``beta1, beta2`` inside the loop over parameters with gradients,
+    so a group without any (mmcv's optimizer constructor makes one group per parameter, frozen ones
+    included) raises UnboundLocalError. The authors' README (line 43) says to fix it as torch 1.9 does;
+    this is that fix: the same update, groups without gradients skipped."""
+    import torch
+
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if any(p.grad is not None for p in g["params"])]
+        try:
+            return adamw_step(self, closure)
+        finally:
+            self.param_groups = groups
+
+    torch.optim.AdamW.step = step
+
+
+def _randomize_frozen_bn(model, seed):
+    """Seeded values for the frozen BatchNorms of the backbone (weight U(0.5, 1), bias N(0, 0.1), running
+    mean N(0, 0.1), running var U(0.5, 1.5); the last BN of each bottleneck x 0.3 so the residual sum
+    grows slowly). They are constants in training (requires_grad False, eval mode)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in model.backbone.named_modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                n = mod.num_features
+                mod.weight.copy_(0.5 + 0.5 * torch.rand(n, generator=g))
+                mod.bias.copy_(0.1 * torch.randn(n, generator=g))
+                mod.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                if name.endswith("bn3"):
+                    mod.weight.mul_(0.3)
+
+
+def _perturb_zero_init(model, seed, std=0.02):
+    """Seeded N(0, std) for every trainable tensor outside the backbone that their init leaves all-zero
+    (biases, ``sampling_offsets`` / ``attention_weights`` weights, the last box FCs): with those at 0 the
+    positional encodings, level embeddings and the box MLPs' first layers get exactly zero gradient in the
+    first step, and a comparison there would prove nothing. Returns the names changed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    changed = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.startswith("backbone.") and not bool(p.any()):
+                p.add_(std * torch.randn(p.shape, generator=g))
+                changed.append(name)
+    return changed
+
+
+def _disable_dropout(model):
+    import torch
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            mod.dropout = 0.0
+
+
+def write_detection_json(sample_dir, out_path):
+    """Their training annotation format (tools/converter.py without --sub_stuff): one RLE per segment
+    of the panoptic PNG, with the segment's category_id, bbox, area, iscrowd, annotation ids 0, 1, ...
+    in order; the categories in the
+    panoptic order (things first), so their ``cat2label`` gives contiguous labels < 80 for things."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    with open(os.path.join(sample_dir, "panoptic_sample.json")) as fh:
+        pan = json.load(fh)
+    anns = []
+    for a in pan["annotations"]:
+        rgb = np.array(Image.open(os.path.join(sample_dir, "panoptic", a["file_name"])), dtype=np.uint32)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+        for s in a["segments_info"]:
+            m = (ids == s["id"]).astype(np.uint8)
+            rle = mask_utils.encode(np.asfortranarray(m[..., None]))[0]
+            rle["counts"] = rle["counts"].decode("utf8")
+            ann = {k: v for k, v in s.items() if k != "id"}
+            ann["image_id"] = a["image_id"]
+            ann["segmentation"] = rle
+            anns.append(ann)
+    for idx, ann in enumerate(anns):  # converter.py numbers the annotations 0, 1, ...
+        ann["id"] = idx
+    out = dict(images=pan["images"], annotations=anns, categories=pan["categories"])
+    with open(out_path, "w") as fh:
+        json.dump(out, fh)
+    return out_path
+
+
+class _FixedRandint(object):
+    """Replaces ``numpy.random.randint`` while their RandomCrop runs: returns the queued values, each
+    checked against the [low, high) range the transform asks for."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.calls = []
+
+    def __call__(self, low, high=None, *args, **kwargs):
+        if high is None:
+            low, high = 0, low
+        if not self.values:
+            raise RuntimeError("unexpected numpy.random.randint(%r, %r)" % (low, high))
+        v = self.values.pop(0)
+        if not low <= v < high:
+            raise ValueError("fixed choice %d outside [%d, %d)" % (v, low, high))
+        self.calls.append((int(low), int(high), int(v)))
+        return v
+
+
+def _pipeline(choice, norm_cfg):
+    """Their pipeline config with the fixed choices (deterministic single-scale lists, flip_ratio 0/1)."""
+    pipe = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+            dict(type="RandomFlip", flip_ratio=1.0 if choice["flip"] else 0.0)]
+    if choice["policy"] == "crop":
+        pipe += [dict(type="Resize", img_scale=[choice["scale1"]], multiscale_mode="value", keep_ratio=True),
+                 dict(type="RandomCrop", crop_type="absolute_range", crop_size=choice["crop_range"],
+                      allow_negative_crop=True),
+                 dict(type="Resize", img_scale=[choice["scale2"]], multiscale_mode="value", override=True,
+                      keep_ratio=True)]
+    else:
+        pipe += [dict(type="Resize", img_scale=[choice["scale2"]], multiscale_mode="value", keep_ratio=True)]
+    pipe += [dict(type="Normalize", **norm_cfg), dict(type="Pad", size_divisor=1),
+             dict(type="DefaultFormatBundle"),
+             dict(type="Collect", keys=["img", "gt_bboxes", "gt_labels", "gt_masks"])]
+    return pipe
+
+
+def _prepare_inputs(args, cfg, det_json):
+    """Run their dataset + pipeline per image with the fixed choices: list of input dicts."""
+    from easymd.datasets.coco_panoptic import CocoDataset_panoptic
+
+    inputs = []
+    images = os.path.join(args.coco_sample, "images")
+    names = sorted(CHOICES)
+    for name in names:
+        choice = CHOICES[name]
+        ds = CocoDataset_panoptic(ann_file=det_json, pipeline=_pipeline(choice, cfg.img_norm_cfg),
+                                  img_prefix=images + "/", filter_empty_gt=False)
+        idx = [info["file_name"] for info in ds.data_infos].index(name)
+        fixed = _FixedRandint(choice["crop"] if choice["policy"] == "crop" else ())
+        randint = np.random.randint
+        np.random.randint = fixed
+        try:
+            data = ds.prepare_train_img(idx)
+        finally:
+            np.random.randint = randint
+        if fixed.values:
+            raise RuntimeError("fixed choices not consumed: %r" % fixed.values)
+        meta = data["img_metas"].data
+        inputs.append(dict(
+            name=name, choice=choice, randint_calls=fixed.calls,
+            img=data["img"].data[None].contiguous(), img_metas=[meta],
+            gt_bboxes=[data["gt_bboxes"].data], gt_labels=[data["gt_labels"].data],
+            gt_masks=[data["gt_masks"].data]))
+        print("official: %s %s -> input %s, %d gts (%d things)" % (
+            name, str(meta["ori_shape"]), tuple(inputs[-1]["img"].shape), len(data["gt_labels"].data),
+            int((data["gt_labels"].data < 80).sum())), flush=True)
+    return inputs
+
+
+class _AssignRecorder(object):
+    """Records every Hungarian assignment: the assigner that ran it, the cost matrix scipy saw and the
+    (rows, cols) it returned, by wrapping the modules' ``linear_sum_assignment`` and the assigners."""
+
+    def __init__(self, head):
+        import mmdet.core.bbox.assigners.hungarian_assigner as hung
+        import easymd.models.panformer.tools as tools
+
+        self.records = []
+        self.current = None
+        self.modules = (hung, tools)
+        self.saved = [m.linear_sum_assignment for m in self.modules]
+        lsa = self.saved[0]
+
+        def recording_lsa(cost):
+            rows, cols = lsa(cost)
+            self.records.append(dict(assigner=self.current, cost=np.array(cost, dtype=np.float64),
+                                     rows=np.asarray(rows), cols=np.asarray(cols)))
+            return rows, cols
+
+        for m in self.modules:
+            m.linear_sum_assignment = recording_lsa
+        for attr in ("assigner", "assigner_filter", "assigner_with_mask"):
+            assigner = getattr(head, attr)
+            assigner.assign = self._tagged(assigner.assign, attr)
+
+    def _tagged(self, assign, tag):
+        def tagged(*args, **kwargs):
+            self.current = tag
+            return assign(*args, **kwargs)
+        return tagged
+
+    def pop(self):
+        out, self.records = self.records, []
+        return out
+
+
+def _loss_and_grads(model, inp):
+    import torch
+
+    model.zero_grad()
+    losses = model.forward_train(inp["img"], inp["img_metas"], inp["gt_bboxes"], inp["gt_labels"],
+                                 inp["gt_masks"])
+    loss, log_vars = model._parse_losses(losses)
+    loss.backward()
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    return float(loss.detach()), values, grads, no_grad
+
+
+def _matches(records, num_loc_layers):
+    """Per decoder layer the matched (query, gt) pairs: location layers 0..L-1 in the 300-query (here
+    num_query) index, the mask decoder's in the filtered list and in the original index."""
+    loc = [r for r in records if r["assigner"] == "assigner"]
+    filt = [r for r in records if r["assigner"] == "assigner_filter"]
+    mask = [r for r in records if r["assigner"] == "assigner_with_mask"]
+    if len(loc) != num_loc_layers - 1 or len(filt) > 1 or len(mask) > 1:
+        raise RuntimeError("unexpected assignments: %d/%d/%d" % (len(loc), len(filt), len(mask)))
+    out = {}
+    for l, r in enumerate(loc + filt):
+        out["location_%d" % l] = np.stack([r["rows"], r["cols"]]).astype(np.int64)
+    if mask:
+        filtered = np.sort(filt[0]["rows"])  # pos_inds_mask: queries of the filter's round, ascending
+        r = mask[0]
+        out["mask_decoder"] = np.stack([r["rows"], r["cols"]]).astype(np.int64)
+        out["mask_decoder_query"] = np.stack([filtered[r["rows"]], r["cols"]]).astype(np.int64)
+    return out
+
+
+def official_stage(args):
+    sys.path.insert(0, REPO_ROOT)
+    from projects.parity.official_parity import _install_mmcv_shims
+
+    _install_mmcv_shims()
+    import mmcv.runner.optimizer.default_constructor as constructor
+    import torch
+
+    # The optimizer constructor asks whether compiled ops exist (to spot deformable convolutions, none
+    # here); the stub mmcv._ext has no module spec, so answer as a build without ops does: no.
+    constructor.check_ops_exist = lambda: False
+    _fix_adamw_groups_without_gradients()
+    torch.set_num_threads(1)
+    try:
+        import easymd  # noqa: F401  (registers the official modules)
+    except ImportError as e:
+        raise SystemExit("official_train_parity --stage official: cannot import the authors' package "
+                         "easymd (%s); put --official-src on PYTHONPATH" % e)
+    import time
+
+    from mmcv import Config
+    from mmcv.runner import OptimizerHook, build_optimizer
+    from mmdet.models import build_detector
+
+    cfg = _reduce_width(Config.fromfile(os.path.join(args.official_src, OFFICIAL_CONFIG)), REDUCED)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    model.init_weights()
+    _randomize_frozen_bn(model, args.seed + 1)
+    perturbed = _perturb_zero_init(model, args.seed + 2)
+    _disable_dropout(model)
+    model.train()
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    head = model.bbox_head
+    num_loc_layers = head.transformer.decoder.num_layers
+    os.makedirs(args.work_dir, exist_ok=True)
+    det_json = write_detection_json(args.coco_sample, os.path.join(args.work_dir, "sample_detection_format.json"))
+    inputs = _prepare_inputs(args, cfg, det_json)
+    recorder = _AssignRecorder(head)
+
+    per_image = []
+    for inp in inputs:
+        t0 = time.time()
+        total, losses, grads, no_grad = _loss_and_grads(model, inp)
+        records = recorder.pop()
+        per_image.append(dict(total=total, losses=losses, grads=grads, no_grad=no_grad,
+                              assignments=records, matches=_matches(records, num_loc_layers),
+                              seconds=time.time() - t0))
+        print("official: %s total loss %.6f (%d terms), %d gradients, %.2f s" % (
+            inp["name"], total, len(losses), len(grads), time.time() - t0), flush=True)
+
+    # 3 optimizer steps from the initial weights, their optimizer and gradient clipping.
+    model.load_state_dict(init_state)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    clipper = OptimizerHook(**cfg.optimizer_config)
+    groups = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            groups[id(p)] = (g["lr"], g["weight_decay"])
+    lr_of = {n: groups[id(p)][0] for n, p in model.named_parameters()}
+    wd_of = {n: groups[id(p)][1] for n, p in model.named_parameters()}
+    steps = []
+    for i in STEP_IMAGES:
+        inp = inputs[i]
+        optimizer.zero_grad()
+        losses = model.forward_train(inp["img"], inp["img_metas"], inp["gt_bboxes"], inp["gt_labels"],
+                                     inp["gt_masks"])
+        loss, _ = model._parse_losses(losses)
+        loss.backward()
+        norm = clipper.clip_grads(model.parameters())
+        optimizer.step()
+        steps.append(dict(image=i, total=float(loss.detach()), grad_norm=float(norm),
+                          losses={k: float(v.detach()) for k, v in losses.items()}))
+        recorder.pop()
+        print("official: step on image %d: total loss %.6f, grad norm %.6f" % (i, steps[-1]["total"],
+                                                                            steps[-1]["grad_norm"]), flush=True)
+    final = model.state_dict()
+    updates = {n: (final[n] - init_state[n]).clone() for n, p in model.named_parameters()}
+
+    dump = dict(
+        meta=dict(seed=args.seed, reduced=REDUCED, perturbed_zero_init=perturbed, choices=CHOICES, step_images=STEP_IMAGES,
+                  torch=torch.__version__, official_config=OFFICIAL_CONFIG,
+                  lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
+                  paramwise_cfg=dict(cfg.optimizer.paramwise_cfg.custom_keys),
+                  grad_clip=dict(cfg.optimizer_config.grad_clip)),
+        state_dict=init_state,
+        inputs=[dict(name=x["name"], randint_calls=x["randint_calls"], img=x["img"],
+                     img_meta={k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                               for k, v in x["img_metas"][0].items() if k != "img_norm_cfg"},
+                     gt_bboxes=x["gt_bboxes"][0], gt_labels=x["gt_labels"][0],
+                     gt_masks=torch.from_numpy(x["gt_masks"][0].to_ndarray())) for x in inputs],
+        per_image=per_image, steps=steps, updates=updates, lr=lr_of, weight_decay=wd_of)
+    path = os.path.join(args.work_dir, DUMP_NAME)
+    torch.save(dump, path)
+    print("official: wrote %s" % path, flush=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixture for the test suite (this project's venv; also runs under theirs).
+# ------------------------------------------------------------------------------------------------
+SKETCH_K = 16  # random projections per tensor in the fixture
+
+
+def sketch_vectors(name, numel, k=SKETCH_K):
+    """(k, numel) float64 standard normal vectors of a tensor, seeded by crc32 of its OFFICIAL name
+    (numpy's legacy RandomState: the same numbers in every numpy version)."""
+    import zlib
+
+    return np.random.RandomState(zlib.crc32(name.encode("utf8"))).standard_normal((k, numel))
+
+
+def sketch(name, tensor, k=SKETCH_K):
+    """k Gaussian projections of a tensor: for two tensors a, b of the same name,
+    ``sqrt(mean((sketch(a) - sketch(b))**2))`` estimates ``||a - b||`` (Johnson-Lindenstrauss; with k=16
+    within about +-35% at 1 sigma), so a test can bound the difference of full tensors it does not store."""
+    flat = np.asarray(tensor, dtype=np.float64).reshape(-1)
+    return sketch_vectors(name, flat.size, k) @ flat
+
+
+def write_fixture(dump_path, out_path):
+    """The subset of the dump a test compares against (npz): their weights (float32), the 2 inputs and
+    targets, every loss term, every matching, and per tensor (official name) the L2 norm and
+    :data:`SKETCH_K` Gaussian projections (:func:`sketch`) of its gradient (per image) and of its total
+    update after the 3 steps, each step's losses and gradient norm. Full gradients and updates stay in
+    the dump (a few MB more than the fixture should hold)."""
+    import torch
+
+    d = torch.load(dump_path)
+    out = {"meta": np.array(json.dumps(d["meta"], default=list)), "sketch_k": np.array(SKETCH_K)}
+    for k, v in d["state_dict"].items():
+        out["w/" + k] = v.numpy()
+    for i, x in enumerate(d["inputs"]):
+        p = "in%d/" % i
+        out[p + "img"] = x["img"].numpy()
+        out[p + "meta"] = np.array(json.dumps(dict(x["img_meta"], name=x["name"],
+                                                   randint_calls=x["randint_calls"]), default=str))
+        out[p + "gt_bboxes"] = x["gt_bboxes"].numpy()
+        out[p + "gt_labels"] = x["gt_labels"].numpy()
+        out[p + "gt_masks"] = np.packbits(x["gt_masks"].numpy().astype(bool), axis=-1)
+        out[p + "gt_masks_shape"] = np.array(x["gt_masks"].shape)
+    for i, r in enumerate(d["per_image"]):
+        p = "img%d/" % i
+        names = sorted(r["losses"])
+        out[p + "loss_names"] = np.array(names)
+        out[p + "loss_values"] = np.array([r["losses"][n] for n in names], dtype=np.float64)
+        out[p + "total"] = np.array(r["total"], dtype=np.float64)
+        for k, v in r["matches"].items():
+            out[p + "match/" + k] = v
+        gnames = sorted(r["grads"])
+        out[p + "grad_names"] = np.array(gnames)
+        out[p + "grad_norms"] = np.array([float(r["grads"][n].double().norm()) for n in gnames])
+        out[p + "grad_sketch"] = np.stack([sketch(n, r["grads"][n].numpy()) for n in gnames])
+    for s, st in enumerate(d["steps"]):
+        p = "step%d/" % s
+        names = sorted(st["losses"])
+        out[p + "image"] = np.array(st["image"])
+        out[p + "loss_names"] = np.array(names)
+        out[p + "loss_values"] = np.array([st["losses"][n] for n in names], dtype=np.float64)
+        out[p + "total"] = np.array(st["total"], dtype=np.float64)
+        out[p + "grad_norm"] = np.array(st["grad_norm"], dtype=np.float64)
+    unames = sorted(d["updates"])
+    out["update_names"] = np.array(unames)
+    out["update_norms"] = np.array([float(d["updates"][n].double().norm()) for n in unames])
+    out["update_sketch"] = np.stack([sketch(n, d["updates"][n].numpy()) for n in unames])
+    out["update_lr"] = np.array([d["lr"][n] for n in unames])
+    out["update_weight_decay"] = np.array([d["weight_decay"][n] for n in unames])
+    np.savez_compressed(out_path, **out)
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage "ours": this project (its own venv) -- see our_stage.
+# ------------------------------------------------------------------------------------------------
+def our_stage(args):
+    raise SystemExit("--stage ours: not implemented yet (issue 25, next pass)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=["all", "official", "fixture", "ours"], default="all",
+                        help="'official' is run by the script itself under --official-python")
+    parser.add_argument("--official-python", default="/work/venvs/official/bin/python",
+                        help="Python of the authors' environment (docs/BENCHMARKS.md)")
+    parser.add_argument("--official-src", default="", help="checkout of zhiqi-li/Panoptic-SegFormer")
+    parser.add_argument("--coco-sample", default="", help="COCO panoptic sample folder (images/, "
+                        "panoptic/, panoptic_sample.json)")
+    parser.add_argument("--work-dir", required=True, help="where the dump and checkpoints are written")
+    parser.add_argument("--fixture", default="", help="also write the test fixture (.npz) here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.stage == "official":
+        official_stage(args)
+        return 0
+    if args.stage in ("all",):
+        if not args.official_src or not args.coco_sample:
+            parser.error("--official-src and --coco-sample are required for stage 'all'")
+        cmd = [args.official_python, "-m", "projects.parity.official_train_parity", "--stage", "official",
+               "--official-src", args.official_src, "--coco-sample", args.coco_sample,
+               "--work-dir", args.work_dir, "--seed", str(args.seed)]
+        path = os.pathsep.join(p for p in (args.official_src, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        subprocess.run(cmd, cwd=REPO_ROOT, check=True, env=env)
+    if args.fixture:
+        write_fixture(os.path.join(args.work_dir, DUMP_NAME), args.fixture)
+        print("fixture: %s (%.2f MB)" % (args.fixture, os.path.getsize(args.fixture) / 2 ** 20))
+    if args.stage == "ours":
+        our_stage(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
