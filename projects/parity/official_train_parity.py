@@ -43,8 +43,11 @@ project's venv::
    max-norm 0.1); dumps each iteration's losses and gradient norm, and each tensor's total update.
 
 Everything goes to ``--work-dir/official_train_dump.pth``; ``--fixture`` writes the subset a test needs
-(:func:`write_fixture`). The stage of this project (converting the weights and computing our losses on
-the same inputs) is ``--stage ours`` (:func:`our_stage`).
+(:func:`write_fixture`). ``--stage ours`` (this project's venv, :func:`our_stage`) converts the fixture's
+weights with ``projects/convert/convert_official.py`` at the reduced width (:func:`our_overrides`), runs
+this project's official model on their inputs and targets, checks the location decoder's matchings and
+prints the loss table theirs -> ours. So far only the location-decoder terms have counterparts (the
+official mask decoder does not train yet; docs/OFFICIAL_TRAINING_SPEC.md lists what differs).
 """
 import argparse
 import json
@@ -420,8 +423,8 @@ def official_stage(args):
         meta=dict(seed=args.seed, reduced=REDUCED, perturbed_zero_init=perturbed, choices=CHOICES, step_images=STEP_IMAGES,
                   torch=torch.__version__, official_config=OFFICIAL_CONFIG,
                   lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
-                  paramwise_cfg=dict(cfg.optimizer.paramwise_cfg.custom_keys),
-                  grad_clip=dict(cfg.optimizer_config.grad_clip)),
+                  paramwise_cfg=json.loads(json.dumps(cfg.optimizer.paramwise_cfg.custom_keys)),
+                  grad_clip=json.loads(json.dumps(cfg.optimizer_config.grad_clip))),
         state_dict=init_state,
         inputs=[dict(name=x["name"], randint_calls=x["randint_calls"], img=x["img"],
                      img_meta={k: (v.tolist() if isinstance(v, np.ndarray) else v)
@@ -511,8 +514,123 @@ def write_fixture(dump_path, out_path):
 # ------------------------------------------------------------------------------------------------
 # Stage "ours": this project (its own venv) -- see our_stage.
 # ------------------------------------------------------------------------------------------------
+OUR_CONFIG = os.path.join("configs", "coco", "official", "official_r50_2x.yaml")
+
+
+def our_overrides(reduced=REDUCED):
+    """Config overrides that give this project's official model the reduced width of :data:`REDUCED`
+    (mmdet ResNet ``base_channels`` b = Detectron2 stem b, res2 4b, width per group b)."""
+    b = reduced["base_channels"]
+    return ["MODEL.RESNETS.STEM_OUT_CHANNELS", str(b), "MODEL.RESNETS.RES2_OUT_CHANNELS", str(4 * b),
+            "MODEL.RESNETS.WIDTH_PER_GROUP", str(b),
+            "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", str(reduced["embed_dims"]),
+            "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", str(reduced["feedforward_channels"]),
+            "MODEL.PANOPTIC_SEGFORMER.NUM_THING_QUERIES", str(reduced["num_query"]),
+            "MODEL.PIXEL_MEAN", "[0.0, 0.0, 0.0]", "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]", "MODEL.DEVICE", "cpu"]
+
+
+def fixture_inputs(fixture, index):
+    """Input ``index`` of the fixture as this model's batched input: their normalised image (PIXEL_MEAN 0,
+    STD 1 in :func:`our_overrides`), "instances" (things: their labels, which are the contiguous ids of
+    Detectron2's COCO panoptic metadata, their boxes and masks) and "stuff" (their stuff gts)."""
+    import torch
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    p = "in%d/" % index
+    img = torch.from_numpy(fixture[p + "img"][0])
+    shape = tuple(int(v) for v in fixture[p + "gt_masks_shape"])
+    masks = np.unpackbits(fixture[p + "gt_masks"], axis=-1)[..., :shape[-1]].astype(bool)
+    labels = torch.from_numpy(fixture[p + "gt_labels"]).long()
+    boxes = torch.from_numpy(fixture[p + "gt_bboxes"]).float()
+    thing = labels < 80
+    size = tuple(img.shape[-2:])
+    inst, stuff = Instances(size), Instances(size)
+    inst.gt_classes, inst.gt_boxes = labels[thing], Boxes(boxes[thing])
+    inst.gt_masks = BitMasks(torch.from_numpy(masks)[thing])
+    stuff.gt_classes = labels[~thing]
+    stuff.gt_masks = BitMasks(torch.from_numpy(masks)[~thing])
+    return {"image": img, "instances": inst, "stuff": stuff, "height": size[0], "width": size[1]}
+
+
+# Their loss key -> ours (None: no counterpart yet). Location layers l = 0..4 and the last (5).
+def loss_name_map(their_names, num_loc_layers=6):
+    out = {}
+    last = num_loc_layers - 1
+    for n in their_names:
+        ours = None
+        if n in ("loss_cls", "loss_bbox", "loss_iou"):
+            ours = {"loss_cls": "loss_det_cls_%d", "loss_bbox": "loss_det_bbox_%d",
+                    "loss_iou": "loss_det_giou_%d"}[n] % last
+        elif n.split(".")[-1] in ("loss_cls", "loss_bbox", "loss_iou") and n.startswith("d"):
+            l, term = n.split(".")
+            ours = {"loss_cls": "loss_det_cls_", "loss_bbox": "loss_det_bbox_",
+                    "loss_iou": "loss_det_giou_"}[term] + l[1:]
+        out[n] = ours
+    return out
+
+
 def our_stage(args):
-    raise SystemExit("--stage ours: not implemented yet (issue 25, next pass)")
+    """This project's side: convert the fixture's weights, run our official model's training path on
+    their inputs (their targets), and print the loss table theirs -> ours. Only the location-decoder terms
+    have a counterpart today (docs/OFFICIAL_TRAINING_SPEC.md, section 6)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from detectron2.modeling import build_model
+
+    from panoptic_segformer.config import setup_cfg
+    from projects.convert.convert_official import convert_official_state_dict
+
+    fixture = np.load(args.fixture)
+    cfg = setup_cfg(os.path.join(REPO_ROOT, OUR_CONFIG), our_overrides())
+    model = build_model(cfg)
+    official = {k[2:]: torch.from_numpy(fixture[k]) for k in fixture.files if k.startswith("w/")}
+    state, report = convert_official_state_dict(official, model, source=args.fixture)
+    model.load_state_dict(state, strict=True)
+    model.train()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            mod.dropout = 0.0
+    rows = []
+    for i in range(2):
+        inputs = [fixture_inputs(fixture, i)]
+        images = model.preprocess_image(inputs)
+        targets = model.prepare_targets(inputs, images)
+        outputs = model.forward_outputs(images, targets)
+        ours = {k: float(v) for k, v in model.criterion(outputs, targets).items()}
+        loc = outputs["location"]
+        for l in range(len(loc["pred_logits"])):
+            q, g = model.criterion.matcher({"pred_logits": loc["pred_logits"][l].detach(),
+                                            "pred_boxes": loc["pred_boxes"][l].detach()}, targets)[0]
+            theirs_match = fixture["img%d/match/location_%d" % (i, l)]
+            order = np.argsort(theirs_match[0])
+            same = (np.array_equal(q.numpy(), theirs_match[0][order])
+                    and np.array_equal(g.numpy(), theirs_match[1][order]))
+            print("image %d location layer %d: %d pairs, same (query, gt) pairs as theirs: %s"
+                  % (i, l, len(q), same))
+        names = [str(n) for n in fixture["img%d/loss_names" % i]]
+        theirs = dict(zip(names, fixture["img%d/loss_values" % i].tolist()))
+        mapping = loss_name_map(names)
+        used = set()
+        for n in names:
+            o = mapping[n]
+            if o is not None and o in ours:
+                used.add(o)
+                rel = abs(ours[o] - theirs[n]) / max(abs(theirs[n]), 1e-12)
+                rows.append((i, n, theirs[n], o, ours[o], rel))
+            else:
+                rows.append((i, n, theirs[n], "(none)", None, None))
+        for o in sorted(set(ours) - used):
+            rows.append((i, "(none)", None, o, ours[o], None))
+    lines = ["| image | theirs | value | ours | value | rel. diff |", "| --- | --- | ---: | --- | ---: | ---: |"]
+    for i, n, tv, o, ov, rel in rows:
+        lines.append("| %d | %s | %s | %s | %s | %s |" % (
+            i, n, "" if tv is None else "%.6f" % tv, o, "" if ov is None else "%.6f" % ov,
+            "" if rel is None else "%.1e" % rel))
+    print("\n".join(lines))
+    return rows
 
 
 def main(argv=None):
@@ -528,6 +646,8 @@ def main(argv=None):
     parser.add_argument("--fixture", default="", help="also write the test fixture (.npz) here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.stage == "ours" and not args.fixture:
+        args.fixture = os.path.join(REPO_ROOT, "tests", "data", "official_train_step.npz")
     if args.stage == "official":
         official_stage(args)
         return 0
@@ -540,7 +660,7 @@ def main(argv=None):
         path = os.pathsep.join(p for p in (args.official_src, os.environ.get("PYTHONPATH")) if p)
         env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         subprocess.run(cmd, cwd=REPO_ROOT, check=True, env=env)
-    if args.fixture:
+    if args.fixture and args.stage in ("all", "fixture"):
         write_fixture(os.path.join(args.work_dir, DUMP_NAME), args.fixture)
         print("fixture: %s (%.2f MB)" % (args.fixture, os.path.getsize(args.fixture) / 2 ** 20))
     if args.stage == "ours":
