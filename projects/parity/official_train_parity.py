@@ -552,40 +552,57 @@ def fixture_inputs(fixture, index):
     return {"image": img, "instances": inst, "stuff": stuff, "height": size[0], "width": size[1]}
 
 
-# Their loss key -> ours (None: no counterpart yet). Location layers l = 0..4 and the last (5).
-def loss_name_map(their_names, num_loc_layers=6):
-    out = {}
+# Their loss key -> ours (None: no counterpart). Location layers l = 0..4 and the last (5); thing mask
+# blocks j = 0..3 and the tail (4); stuff blocks j = 0..5 and the tail (6).
+def loss_name_map(their_names, num_loc_layers=6, num_thing_blocks=4, num_stuff_blocks=6):
+    """Official loss key -> this project's OfficialCriterion key; None for ``d{j}.loss_{bbox,iou}_f``
+    (x 0 terms of ``reg_branches2``, which this model does not have)."""
     last = num_loc_layers - 1
+    det = {"loss_cls": "loss_det_cls_", "loss_bbox": "loss_det_bbox_", "loss_iou": "loss_det_giou_"}
+    out = {}
     for n in their_names:
-        ours = None
-        if n in ("loss_cls", "loss_bbox", "loss_iou"):
-            ours = {"loss_cls": "loss_det_cls_%d", "loss_bbox": "loss_det_bbox_%d",
-                    "loss_iou": "loss_det_giou_%d"}[n] % last
-        elif n.split(".")[-1] in ("loss_cls", "loss_bbox", "loss_iou") and n.startswith("d"):
-            l, term = n.split(".")
-            ours = {"loss_cls": "loss_det_cls_", "loss_bbox": "loss_det_bbox_",
-                    "loss_iou": "loss_det_giou_"}[term] + l[1:]
+        prefix, _, term = n.rpartition(".")
+        j = prefix[1:] if prefix else None
+        if not prefix and term in det:
+            ours = det[term] + str(last)
+        elif term in det:
+            ours = det[term] + j
+        elif n == "loss_mask_things":
+            ours = "loss_things_mask_%d" % num_thing_blocks
+        elif n == "loss_mask_stuff":
+            ours = "loss_stuff_mask_%d" % num_stuff_blocks
+        elif term == "loss_mask_things_f":
+            ours = "loss_things_mask_" + j
+        elif term == "loss_mask_stuff_f":
+            ours = "loss_stuff_mask_" + j
+        elif term == "loss_cls_stuff_f":
+            ours = "loss_stuff_cls_" + j
+        elif term == "loss_cls_f":
+            ours = "loss_things_cls_" + j
+        else:  # d{j}.loss_bbox_f / d{j}.loss_iou_f
+            ours = None
         out[n] = ours
     return out
 
 
-def our_stage(args):
-    """This project's side: convert the fixture's weights, run our official model's training path on
-    their inputs (their targets), and print the loss table theirs -> ours. Only the location-decoder terms
-    have a counterpart today (docs/OFFICIAL_TRAINING_SPEC.md, section 6)."""
-    import torch
+def _rel(ours, theirs):
+    return abs(ours - theirs) / max(abs(theirs), 1e-12)
 
-    torch.set_num_threads(1)
+
+def build_our_model(fixture_path, extra_overrides=()):
+    """(cfg, model, ours -> official name map): this project's official model with the fixture's converted
+    weights, in training mode with dropout off, 1 thread."""
+    import torch
     from detectron2.modeling import build_model
 
     from panoptic_segformer.config import setup_cfg
     from projects.convert.convert_official import convert_official_state_dict
 
-    fixture = np.load(args.fixture)
-    cfg = setup_cfg(os.path.join(REPO_ROOT, OUR_CONFIG), our_overrides())
+    fixture = np.load(fixture_path)
+    cfg = setup_cfg(os.path.join(REPO_ROOT, OUR_CONFIG), our_overrides() + list(extra_overrides))
     model = build_model(cfg)
     official = {k[2:]: torch.from_numpy(fixture[k]) for k in fixture.files if k.startswith("w/")}
-    state, report = convert_official_state_dict(official, model, source=args.fixture)
+    state, report = convert_official_state_dict(official, model, source=fixture_path)
     model.load_state_dict(state, strict=True)
     model.train()
     for mod in model.modules():
@@ -593,44 +610,237 @@ def our_stage(args):
             mod.p = 0.0
         if isinstance(mod, torch.nn.MultiheadAttention):
             mod.dropout = 0.0
+    return cfg, model, {ours: off for off, ours in report.mapped}
+
+
+def to_official_layout(official_name, tensor):
+    """Our tensor in the official tensor's layout (the converter's only transform: the stuff query's halves)."""
+    import torch
+
+    t = tensor.detach().double().cpu()
+    if official_name == "bbox_head.stuff_query.weight":
+        c = t.shape[1] // 2
+        t = torch.cat([t[:, c:], t[:, :c]], dim=1)
+    return t
+
+
+def compare_tensors(fixture, prefix, names_key, ours, name_map, full=None):
+    """Per official tensor: (name, their norm, our norm, sketch-estimated |ours - theirs| / |theirs|, exact
+    relative difference from the full dump or None, our name). ``ours``: our name -> tensor."""
+    inv = {off: o for o, off in name_map.items()}
+    names = [str(n) for n in fixture[names_key]]
+    norms = fixture[prefix + "norms"]
+    sketches = fixture[prefix + "sketch"]
     rows = []
+    for k, off in enumerate(names):
+        o = inv.get(off)
+        g = ours.get(o) if o is not None else None
+        if g is None:
+            rows.append((off, float(norms[k]), None, None, None, o))
+            continue
+        t = to_official_layout(off, g)
+        est = float(np.sqrt(np.mean((sketch(off, t.numpy()) - sketches[k]) ** 2)))
+        exact = None
+        if full is not None and off in full:
+            exact = float((t - full[off].double()).norm())
+        n = float(norms[k])
+        rows.append((off, n, float(t.norm()), est / n if n > 0 else est, (exact / n if n > 0 else exact)
+                     if exact is not None else None, o))
+    return rows
+
+
+def run_ours(fixture_path, dump_path=None, extra_overrides=()):
+    """This project's side on the fixture's weights and inputs: per image the loss terms, the matchings and
+    the gradients; then 3 optimizer steps (images STEP_IMAGES) with the configured optimizer
+    (:func:`panoptic_segformer.engine.build_optimizer`). Returns a dict of results (see :func:`our_stage`)."""
+    import torch
+
+    from panoptic_segformer.engine import build_optimizer
+
+    torch.set_num_threads(1)
+    fixture = np.load(fixture_path)
+    dump = None
+    if dump_path and os.path.isfile(dump_path):
+        dump = torch.load(dump_path, weights_only=False)
+    cfg, model, name_map = build_our_model(fixture_path, extra_overrides)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = dict(images=[], steps=[], name_map=name_map)
     for i in range(2):
         inputs = [fixture_inputs(fixture, i)]
-        images = model.preprocess_image(inputs)
-        targets = model.prepare_targets(inputs, images)
-        outputs = model.forward_outputs(images, targets)
-        ours = {k: float(v) for k, v in model.criterion(outputs, targets).items()}
-        loc = outputs["location"]
-        for l in range(len(loc["pred_logits"])):
-            q, g = model.criterion.matcher({"pred_logits": loc["pred_logits"][l].detach(),
-                                            "pred_boxes": loc["pred_boxes"][l].detach()}, targets)[0]
-            theirs_match = fixture["img%d/match/location_%d" % (i, l)]
-            order = np.argsort(theirs_match[0])
-            same = (np.array_equal(q.numpy(), theirs_match[0][order])
-                    and np.array_equal(g.numpy(), theirs_match[1][order]))
-            print("image %d location layer %d: %d pairs, same (query, gt) pairs as theirs: %s"
-                  % (i, l, len(q), same))
+        model.zero_grad(set_to_none=True)
+        losses = model(inputs)
+        total = sum(losses.values())
+        total.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        full = None if dump is None else dump["per_image"][i]["grads"]
+        res["images"].append(dict(
+            losses={k: float(v) for k, v in losses.items()}, total=float(total),
+            matches=model.criterion.last_matches,
+            grads=compare_tensors(fixture, "img%d/grad_" % i, "img%d/grad_names" % i, grads, name_map, full),
+            ours_only=sorted(n for n in grads if n not in name_map)))
+    # 3 optimizer steps from the initial weights (the model is unchanged so far: only gradients were taken).
+    optimizer = build_optimizer(cfg, model)
+    lr_of = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            lr_of[id(p)] = (g["lr"], g["weight_decay"])
+    for i in STEP_IMAGES:
+        optimizer.zero_grad(set_to_none=True)
+        losses = model([fixture_inputs(fixture, i)])
+        total = sum(losses.values())
+        total.backward()
+        gnorm = float(torch.norm(torch.stack([p.grad.detach().norm() for p in model.parameters()
+                                              if p.grad is not None])))
+        optimizer.step()
+        res["steps"].append(dict(image=i, total=float(total), grad_norm=gnorm,
+                                 losses={k: float(v) for k, v in losses.items()}))
+    updates = {n: (p.detach() - init[n]) for n, p in model.named_parameters()}
+    full = None if dump is None else dump["updates"]
+    res["updates"] = compare_tensors(fixture, "update_", "update_names", updates, name_map, full)
+    res["lr"] = {n: lr_of[id(p)] for n, p in model.named_parameters() if id(p) in lr_of}
+    # Elements where the two updates differ by more than half a step (AdamW turns noise-level gradients
+    # into +-lr steps): counted from the full dump.
+    flips = {}
+    if dump is not None:
+        inv = {off: o for o, off in name_map.items()}
+        for off, u in dump["updates"].items():
+            o = inv.get(off)
+            if o is None or o not in res["lr"]:
+                continue
+            diff = (to_official_layout(off, updates[o]) - u.double()).abs()
+            count = int((diff > 0.5 * res["lr"][o][0]).sum())
+            if count:
+                flips[off] = (count, u.numel())
+    res["flips"] = flips
+    return res, fixture, model
+
+
+def _fmt(v, f="%.6f"):
+    return "" if v is None else f % v
+
+
+def our_stage(args):
+    """This project's side (:func:`run_ours`) and the comparison tables theirs -> ours (markdown); written to
+    ``--table`` when given. Tolerances: loss terms 1e-4 relative, gradients and 3-step updates 1e-3
+    relative in L2 norm (zero where theirs is zero)."""
+    res, fixture, model = run_ours(args.fixture, os.path.join(args.work_dir, DUMP_NAME) if args.work_dir else None)
+    out = []
+    # Matchings.
+    out.append("## Matched (query, ground truth) pairs per decoder layer\n")
+    out.append("| image | layer | pairs | same as theirs |")
+    out.append("| --- | --- | ---: | --- |")
+    all_same = True
+    for i, r in enumerate(res["images"]):
+        for l, per_image in enumerate(r["matches"]["location"]):
+            q, g = per_image[0]
+            t = fixture["img%d/match/location_%d" % (i, l)]
+            order = np.argsort(t[0])
+            same = np.array_equal(q.numpy(), t[0][order]) and np.array_equal(g.numpy(), t[1][order])
+            all_same &= same
+            out.append("| %d | location %d | %d | %s |" % (i, l, len(q), same))
+        for key in ("mask_decoder", "mask_decoder_query"):
+            p, g = r["matches"][key][0]
+            t = fixture["img%d/match/%s" % (i, key)]
+            ours = sorted(zip(p.tolist(), g.tolist()))
+            theirs = sorted(zip(t[0].tolist(), t[1].tolist()))
+            all_same &= ours == theirs
+            out.append("| %d | %s | %d | %s |" % (i, key.replace("_", " "), len(ours), ours == theirs))
+    # Loss terms.
+    out.append("\n## Loss terms theirs -> ours (tolerance 1e-4 relative)\n")
+    out.append("| image | theirs | value | ours | value | rel. diff |")
+    out.append("| --- | --- | ---: | --- | ---: | ---: |")
+    worst_loss, n_bad_loss = 0.0, 0
+    for i, r in enumerate(res["images"]):
         names = [str(n) for n in fixture["img%d/loss_names" % i]]
         theirs = dict(zip(names, fixture["img%d/loss_values" % i].tolist()))
         mapping = loss_name_map(names)
         used = set()
         for n in names:
             o = mapping[n]
-            if o is not None and o in ours:
-                used.add(o)
-                rel = abs(ours[o] - theirs[n]) / max(abs(theirs[n]), 1e-12)
-                rows.append((i, n, theirs[n], o, ours[o], rel))
-            else:
-                rows.append((i, n, theirs[n], "(none)", None, None))
-        for o in sorted(set(ours) - used):
-            rows.append((i, "(none)", None, o, ours[o], None))
-    lines = ["| image | theirs | value | ours | value | rel. diff |", "| --- | --- | ---: | --- | ---: | ---: |"]
-    for i, n, tv, o, ov, rel in rows:
-        lines.append("| %d | %s | %s | %s | %s | %s |" % (
-            i, n, "" if tv is None else "%.6f" % tv, o, "" if ov is None else "%.6f" % ov,
-            "" if rel is None else "%.1e" % rel))
-    print("\n".join(lines))
-    return rows
+            if o is None:
+                out.append("| %d | %s | %.6f | (none: no reg_branches2) | | |" % (i, n, theirs[n]))
+                continue
+            used.add(o)
+            v = r["losses"].get(o)
+            rel = None if v is None else (_rel(v, theirs[n]) if theirs[n] != 0 else abs(v))
+            if rel is None or rel > 1e-4:
+                n_bad_loss += 1
+            worst_loss = max(worst_loss, rel or 0.0)
+            out.append("| %d | %s | %.6f | %s | %s | %s |" % (i, n, theirs[n], o, _fmt(v), _fmt(rel, "%.1e")))
+        for o in sorted(set(r["losses"]) - used):
+            out.append("| %d | (none) | | %s | %.6f | |" % (i, o, r["losses"][o]))
+            n_bad_loss += 1
+        t_total = float(fixture["img%d/total" % i])
+        out.append("| %d | **total** | %.6f | **total** | %.6f | %.1e |" % (i, t_total, r["total"], _rel(r["total"], t_total)))
+    # Gradients.
+    out.append("\n## Gradients per parameter tensor (tolerance 1e-3 relative in L2 norm)\n")
+    summary = []
+    for i, r in enumerate(res["images"]):
+        rows = r["grads"]
+        worst_est = max((x[3] for x in rows if x[3] is not None and x[1] > 0), default=0.0)
+        worst_exact = max((x[4] for x in rows if x[4] is not None and x[1] > 0), default=0.0)
+        bad = [x for x in rows if x[1] > 0 and ((x[4] if x[4] is not None else x[3]) or 0) > 1e-3]
+        zero_theirs = [x for x in rows if x[1] == 0]
+        zero_bad = [x for x in zero_theirs if x[2] is not None and x[2] != 0]
+        missing = [x for x in rows if x[2] is None]
+        summary.append("image %d: %d official tensors with gradients; worst relative difference %.2e exact "
+                       "(full dump), %.2e sketch estimate; %d above 1e-3; %d zero in theirs (%d non-zero in "
+                       "ours); %d without our counterpart (%s, their norms %s); ours only: %s" % (
+                           i, len(rows), worst_exact, worst_est, len(bad), len(zero_theirs), len(zero_bad),
+                           len(missing), ", ".join(sorted({m[0].rsplit(".", 3)[0] for m in missing})) or "-",
+                           sorted({m[1] for m in missing}) or "-", ", ".join(r["ours_only"]) or "-"))
+        for x in bad:
+            summary.append("  above tolerance: %s (ours %s) norm %.3e, rel. diff %.2e" % (x[0], x[5], x[1], x[4] or x[3]))
+    out.extend("- " + s_ if not s_.startswith("  ") else "  - " + s_.strip() for s_ in summary)
+    out.append("\n| image | worst 5 tensors (exact rel. diff) | their norm |")
+    out.append("| --- | --- | ---: |")
+    for i, r in enumerate(res["images"]):
+        rows = sorted((x for x in r["grads"] if x[1] > 0 and x[2] is not None),
+                      key=lambda x: -(x[4] if x[4] is not None else x[3]))[:5]
+        for x in rows:
+            out.append("| %d | %s: %.2e | %.3e |" % (i, x[0], x[4] if x[4] is not None else x[3], x[1]))
+    # Steps.
+    out.append("\n## 3 optimizer steps (AdamW, LR multipliers, clipping 0.1)\n")
+    out.append("| step | image | their total loss | ours | rel. diff | their grad norm | ours | rel. diff |")
+    out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for s_, st in enumerate(res["steps"]):
+        tt, tg = float(fixture["step%d/total" % s_]), float(fixture["step%d/grad_norm" % s_])
+        out.append("| %d | %d | %.6f | %.6f | %.1e | %.6f | %.6f | %.1e |" % (
+            s_, st["image"], tt, st["total"], _rel(st["total"], tt), tg, st["grad_norm"], _rel(st["grad_norm"], tg)))
+    ups = res["updates"]
+    moved = [x for x in ups if x[1] > 0]
+    bad_u = [x for x in moved if x[2] is not None and ((x[4] if x[4] is not None else x[3]) or 0) > 1e-3]
+    zero_u = [x for x in ups if x[1] == 0]
+    zero_u_bad = [x for x in zero_u if x[2] is not None and x[2] != 0]
+    lr_bad = []
+    inv = {off: o for o, off in res["name_map"].items()}
+    for k, off in enumerate(str(n) for n in fixture["update_names"]):
+        o = inv.get(off)
+        if o in res["lr"] and fixture["update_norms"][k] > 0:
+            lr_t, wd_t = float(fixture["update_lr"][k]), float(fixture["update_weight_decay"][k])
+            if abs(res["lr"][o][0] - lr_t) > 1e-12 * lr_t or abs(res["lr"][o][1] - wd_t) > 1e-12:
+                lr_bad.append((off, res["lr"][o], (lr_t, wd_t)))
+    worst_u = max(((x[4] if x[4] is not None else x[3]) for x in moved if x[2] is not None), default=0.0)
+    n_flip = sum(c for c, _ in res["flips"].values())
+    n_el = sum(t for _, t in res["flips"].values())
+    out.append("")
+    out.append("- updates: %d tensors moved in theirs, worst relative difference %.2e, %d above 1e-3; %d tensors "
+               "with zero update in theirs (%d non-zero in ours); %d trainable tensors with another (lr, weight "
+               "decay) than theirs" % (len(moved), worst_u, len(bad_u), len(zero_u), len(zero_u_bad), len(lr_bad)))
+    out.append("- elements whose updates differ by more than lr/2 (AdamW's +-lr steps from noise-level "
+               "gradients), from the full dump: %d in %d tensors%s" % (
+                   n_flip, len(res["flips"]), "" if not res["flips"] else ": " + ", ".join(
+                       "%s %d/%d" % (k, c, t) for k, (c, t) in sorted(res["flips"].items()))))
+    for x in bad_u:
+        out.append("  - above tolerance: %s rel. diff %.2e (their norm %.3e)" % (x[0], x[4] if x[4] is not None else x[3], x[1]))
+    text = "\n".join(out)
+    print(text)
+    if getattr(args, "table", ""):
+        with open(args.table, "w") as fh:
+            fh.write("# Official training step: theirs -> ours\n\n" + text + "\n")
+        print("wrote %s" % args.table)
+    ok = all_same and n_bad_loss == 0 and worst_u <= 1e-3
+    return res, ok
 
 
 def main(argv=None):
@@ -645,6 +855,7 @@ def main(argv=None):
     parser.add_argument("--work-dir", required=True, help="where the dump and checkpoints are written")
     parser.add_argument("--fixture", default="", help="also write the test fixture (.npz) here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", default="", help="stage 'ours': also write the markdown table here")
     args = parser.parse_args(argv)
     if args.stage == "ours" and not args.fixture:
         args.fixture = os.path.join(REPO_ROOT, "tests", "data", "official_train_step.npz")
