@@ -50,7 +50,7 @@ def _register(name: str) -> Callable:
 def build_channel_mapper(cfg, input_shapes: Dict) -> nn.ModuleList:
     """Channel mapper (Sec. 3.1): per backbone level a 1x1 conv to HIDDEN_DIM + GroupNorm, as Deformable
     DETR's input_proj; levels beyond IN_FEATURES (NUM_FEATURE_LEVELS): 3x3 stride-2 conv + GroupNorm, the
-    first on the last backbone feature."""
+    first on the last backbone feature. CHANNEL_MAPPER_CONV_BIAS False: the conv biases stay 0 (frozen)."""
     psf = cfg.MODEL.PANOPTIC_SEGFORMER
     d, n_levels, names = psf.HIDDEN_DIM, psf.NUM_FEATURE_LEVELS, list(psf.IN_FEATURES)
     for f in names:
@@ -65,9 +65,15 @@ def build_channel_mapper(cfg, input_shapes: Dict) -> nn.ModuleList:
     for i in range(len(names), n_levels):
         c_in = input_shapes[names[-1]].channels if i == len(names) else d
         mapper.append(nn.Sequential(nn.Conv2d(c_in, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
+    if not isinstance(psf.CHANNEL_MAPPER_CONV_BIAS, bool):
+        raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.CHANNEL_MAPPER_CONV_BIAS must be True or False, got "
+                         f"{psf.CHANNEL_MAPPER_CONV_BIAS!r}")
     for proj in mapper:
         nn.init.xavier_uniform_(proj[0].weight, gain=1)
         nn.init.constant_(proj[0].bias, 0)
+        # mmcv's ConvModule (official neck) has no conv bias before its GroupNorm: a zero bias that never
+        # trains is the same function (kept so converted checkpoints, which hold zeros, load unchanged).
+        proj[0].bias.requires_grad_(psf.CHANNEL_MAPPER_CONV_BIAS)
     return mapper
 
 

@@ -39,6 +39,11 @@ def add_panoptic_segformer_config(cfg):
     # Offset added to the 1-based positions of the sine positional encoding before normalisation
     # (DETR: 0; mmdet's SinePositionalEncoding in the official code: -0.5).
     psf.POSITION_ENCODING_OFFSET = 0.0
+    # Trainable biases in the channel mapper's convolutions (Deformable DETR's input_proj). False: frozen at
+    # 0 (the official neck, mmcv's ConvModule, has no conv bias before GroupNorm; with 8 channels per group a
+    # trained bias is not a no-op, and even where GroupNorm removes it AdamW turns its float-noise
+    # gradients into +-lr steps).
+    psf.CHANNEL_MAPPER_CONV_BIAS = True
     psf.HIDDEN_DIM = 256
     psf.NHEADS = 8
     psf.DIM_FEEDFORWARD = 1024
