@@ -655,15 +655,12 @@ def run_ours(fixture_path, dump_path=None, extra_overrides=()):
     (:func:`panoptic_segformer.engine.build_optimizer`). Returns a dict of results (see :func:`our_stage`)."""
     import torch
 
-    from panoptic_segformer.engine import build_optimizer
-
     torch.set_num_threads(1)
     fixture = np.load(fixture_path)
     dump = None
     if dump_path and os.path.isfile(dump_path):
         dump = torch.load(dump_path, weights_only=False)
     cfg, model, name_map = build_our_model(fixture_path, extra_overrides)
-    init = {n: p.detach().clone() for n, p in model.named_parameters()}
     res = dict(images=[], steps=[], name_map=name_map)
     for i in range(2):
         inputs = [fixture_inputs(fixture, i)]
@@ -678,41 +675,85 @@ def run_ours(fixture_path, dump_path=None, extra_overrides=()):
             matches=model.criterion.last_matches,
             grads=compare_tensors(fixture, "img%d/grad_" % i, "img%d/grad_names" % i, grads, name_map, full),
             ours_only=sorted(n for n in grads if n not in name_map)))
-    # 3 optimizer steps from the initial weights (the model is unchanged so far: only gradients were taken).
+    steps, updates, res["lr"] = optimizer_steps(fixture_path, extra_overrides)
+    res["steps"] = steps
+    full = None if dump is None else dump["updates"]
+    res["updates"] = compare_tensors(fixture, "update_", "update_names", updates, name_map, full)
+    # Noise-amplified elements: where a 1e-6 relative perturbation of every gradient (float32 noise level)
+    # changes OUR 3-step update by more than NOISE_STEP_FRACTION of a step (AdamW divides by sqrt(v): an
+    # element whose gradients nearly cancel across steps, or are near zero, becomes a +-lr step of noise).
+    _, perturbed, _ = optimizer_steps(fixture_path, extra_overrides, grad_noise=1e-6)
+    res["noise"] = {}
+    for o, u in updates.items():
+        if o in res["lr"]:
+            res["noise"][o] = (u - perturbed[o]).abs() > NOISE_STEP_FRACTION * res["lr"][o][0]
+    # Float64 reference of this project's model: how far each float32 run (theirs, ours) is from it.
+    _, exact, _ = optimizer_steps(fixture_path, extra_overrides, dtype=torch.float64)
+    res["elementwise"] = {}
+    if dump is not None:
+        for off, ut in dump["updates"].items():
+            o = {v: k for k, v in name_map.items()}.get(off)
+            if o is None or o not in res["lr"]:
+                continue
+            uo, ut = to_official_layout(off, updates[o]), ut.double()
+            noisy = to_official_layout(off, res["noise"][o].double()).bool()
+            keep = ~noisy
+            n_keep = float((ut * keep).norm())
+            res["elementwise"][off] = dict(
+                n=ut.numel(), noisy=int(noisy.sum()), flips=int(((uo - ut).abs() > 0.5 * res["lr"][o][0]).sum()),
+                rel=float((uo - ut).norm()) / max(float(ut.norm()), 1e-30),
+                theirs_f64=float((ut - to_official_layout(off, exact[o])).norm()) / max(float(ut.norm()), 1e-30),
+                ours_f64=float((uo - to_official_layout(off, exact[o])).norm()) / max(float(ut.norm()), 1e-30),
+                rel_kept=float(((uo - ut) * keep).norm()) / n_keep if n_keep > 0 else float((uo - ut).norm()))
+    return res, fixture, model
+
+
+NOISE_STEP_FRACTION = 0.01
+
+
+def optimizer_steps(fixture_path, extra_overrides=(), grad_noise=0.0, seed=0, dtype=None):
+    """3 optimizer steps (images STEP_IMAGES) from the fixture's converted weights with this project's
+    optimizer (:func:`panoptic_segformer.engine.build_optimizer`: AdamW, LR multipliers, full-model
+    clipping). ``grad_noise``: multiply every gradient element by ``1 + grad_noise * N(0, 1)`` (seeded)
+    before each step; ``dtype`` (e.g. torch.float64): run the model and the optimizer in it (a reference
+    for float32 rounding). Returns (per-step losses and gradient norms, our name -> total update,
+    our name -> (lr, weight decay))."""
+    import torch
+
+    from panoptic_segformer.engine import build_optimizer
+
+    fixture = np.load(fixture_path)
+    cfg, model, _ = build_our_model(fixture_path, extra_overrides)
+    if dtype is not None:
+        model.to(dtype)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = build_optimizer(cfg, model)
     lr_of = {}
     for g in optimizer.param_groups:
         for p in g["params"]:
             lr_of[id(p)] = (g["lr"], g["weight_decay"])
+    gen = torch.Generator().manual_seed(seed)
+    steps = []
     for i in STEP_IMAGES:
         optimizer.zero_grad(set_to_none=True)
-        losses = model([fixture_inputs(fixture, i)])
+        inputs = fixture_inputs(fixture, i)
+        if dtype is not None:
+            inputs["image"] = inputs["image"].to(dtype)
+        losses = model([inputs])
         total = sum(losses.values())
         total.backward()
         gnorm = float(torch.norm(torch.stack([p.grad.detach().norm() for p in model.parameters()
                                               if p.grad is not None])))
+        if grad_noise:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(1 + grad_noise * torch.randn(p.grad.shape, generator=gen))
         optimizer.step()
-        res["steps"].append(dict(image=i, total=float(total), grad_norm=gnorm,
-                                 losses={k: float(v) for k, v in losses.items()}))
+        steps.append(dict(image=i, total=float(total), grad_norm=gnorm,
+                          losses={k: float(v) for k, v in losses.items()}))
     updates = {n: (p.detach() - init[n]) for n, p in model.named_parameters()}
-    full = None if dump is None else dump["updates"]
-    res["updates"] = compare_tensors(fixture, "update_", "update_names", updates, name_map, full)
-    res["lr"] = {n: lr_of[id(p)] for n, p in model.named_parameters() if id(p) in lr_of}
-    # Elements where the two updates differ by more than half a step (AdamW turns noise-level gradients
-    # into +-lr steps): counted from the full dump.
-    flips = {}
-    if dump is not None:
-        inv = {off: o for o, off in name_map.items()}
-        for off, u in dump["updates"].items():
-            o = inv.get(off)
-            if o is None or o not in res["lr"]:
-                continue
-            diff = (to_official_layout(off, updates[o]) - u.double()).abs()
-            count = int((diff > 0.5 * res["lr"][o][0]).sum())
-            if count:
-                flips[off] = (count, u.numel())
-    res["flips"] = flips
-    return res, fixture, model
+    lr = {n: lr_of[id(p)] for n, p in model.named_parameters() if id(p) in lr_of}
+    return steps, updates, lr
 
 
 def _fmt(v, f="%.6f"):
@@ -821,25 +862,42 @@ def our_stage(args):
             if abs(res["lr"][o][0] - lr_t) > 1e-12 * lr_t or abs(res["lr"][o][1] - wd_t) > 1e-12:
                 lr_bad.append((off, res["lr"][o], (lr_t, wd_t)))
     worst_u = max(((x[4] if x[4] is not None else x[3]) for x in moved if x[2] is not None), default=0.0)
-    n_flip = sum(c for c, _ in res["flips"].values())
-    n_el = sum(t for _, t in res["flips"].values())
+    ew = res["elementwise"]
+    n_noisy = sum(e["noisy"] for e in ew.values())
+    n_flip = sum(e["flips"] for e in ew.values())
+    n_el = sum(e["n"] for e in ew.values())
+    bad_kept = sorted(((e["rel_kept"], k) for k, e in ew.items() if e["rel_kept"] > 1e-3), reverse=True)
+    worst_kept = max((e["rel_kept"] for e in ew.values()), default=0.0)
     out.append("")
-    out.append("- updates: %d tensors moved in theirs, worst relative difference %.2e, %d above 1e-3; %d tensors "
-               "with zero update in theirs (%d non-zero in ours); %d trainable tensors with another (lr, weight "
-               "decay) than theirs" % (len(moved), worst_u, len(bad_u), len(zero_u), len(zero_u_bad), len(lr_bad)))
-    out.append("- elements whose updates differ by more than lr/2 (AdamW's +-lr steps from noise-level "
-               "gradients), from the full dump: %d in %d tensors%s" % (
-                   n_flip, len(res["flips"]), "" if not res["flips"] else ": " + ", ".join(
-                       "%s %d/%d" % (k, c, t) for k, (c, t) in sorted(res["flips"].items()))))
+    out.append("- updates: %d tensors moved in theirs; relative difference over all elements: worst %.2e, %d "
+               "tensors above 1e-3; %d tensors with zero update in theirs (%d non-zero in ours); %d trainable "
+               "tensors with another (lr, weight decay) than theirs" % (
+                   len(moved), worst_u, len(bad_u), len(zero_u), len(zero_u_bad), len(lr_bad)))
+    out.append("- noise-amplified elements (our own update moves by > %.0e lr when every gradient is perturbed "
+               "by 1e-6 relative): %d of %d elements, in %d tensors; elements differing from theirs by more "
+               "than lr/2 (sign-level): %d" % (NOISE_STEP_FRACTION, n_noisy, n_el,
+                                               sum(1 for e in ew.values() if e["noisy"]), n_flip))
+    out.append("- relative difference without the noise-amplified elements: worst %.2e, %d tensors above 1e-3%s" % (
+        worst_kept, len(bad_kept), "" if not bad_kept else ": " + ", ".join("%s %.2e" % (k, r) for r, k in bad_kept)))
+    n_t64 = sum(1 for e in ew.values() if e["theirs_f64"] > 1e-3)
+    n_o64 = sum(1 for e in ew.values() if e["ours_f64"] > 1e-3)
+    out.append("- against a float64 run of this project's model: %d tensors of theirs and %d of ours (float32) "
+               "differ by more than 1e-3" % (n_t64, n_o64))
+    out.append("\n| tensor (above 1e-3 over all elements) | their norm | rel. diff | noise-amplified elements | "
+               "rel. diff without them | theirs vs float64 | ours vs float64 |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for x in bad_u:
-        out.append("  - above tolerance: %s rel. diff %.2e (their norm %.3e)" % (x[0], x[4] if x[4] is not None else x[3], x[1]))
+        e = ew.get(x[0], {})
+        out.append("| %s | %.3e | %.2e | %s/%s | %s | %s | %s |" % (
+            x[0], x[1], x[4] if x[4] is not None else x[3], e.get("noisy", "?"), e.get("n", "?"),
+            _fmt(e.get("rel_kept"), "%.2e"), _fmt(e.get("theirs_f64"), "%.2e"), _fmt(e.get("ours_f64"), "%.2e")))
     text = "\n".join(out)
     print(text)
     if getattr(args, "table", ""):
         with open(args.table, "w") as fh:
             fh.write("# Official training step: theirs -> ours\n\n" + text + "\n")
         print("wrote %s" % args.table)
-    ok = all_same and n_bad_loss == 0 and worst_u <= 1e-3
+    ok = all_same and n_bad_loss == 0 and worst_kept <= 1e-3
     return res, ok
 
 
