@@ -16,6 +16,7 @@ from .modeling.encoder import DeformableTransformerEncoder
 from .modeling.location_decoder import LocationDecoder
 from .modeling.mask_decoder import MaskDecoder
 from .modeling.matcher import HungarianMatcher
+from .modeling.official_criterion import OfficialCriterion
 from .modeling.official_mask_decoder import OfficialMaskDecoder
 from .modeling.query_selection import ThingQuerySelection
 from .postprocessing import POSTPROCESSOR_REGISTRY, MaskWiseMerging, build_postprocessor
@@ -49,7 +50,7 @@ def _register(name: str) -> Callable:
 def build_channel_mapper(cfg, input_shapes: Dict) -> nn.ModuleList:
     """Channel mapper (Sec. 3.1): per backbone level a 1x1 conv to HIDDEN_DIM + GroupNorm, as Deformable
     DETR's input_proj; levels beyond IN_FEATURES (NUM_FEATURE_LEVELS): 3x3 stride-2 conv + GroupNorm, the
-    first on the last backbone feature."""
+    first on the last backbone feature. CHANNEL_MAPPER_CONV_BIAS False: the conv biases stay 0 (frozen)."""
     psf = cfg.MODEL.PANOPTIC_SEGFORMER
     d, n_levels, names = psf.HIDDEN_DIM, psf.NUM_FEATURE_LEVELS, list(psf.IN_FEATURES)
     for f in names:
@@ -64,9 +65,15 @@ def build_channel_mapper(cfg, input_shapes: Dict) -> nn.ModuleList:
     for i in range(len(names), n_levels):
         c_in = input_shapes[names[-1]].channels if i == len(names) else d
         mapper.append(nn.Sequential(nn.Conv2d(c_in, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
+    if not isinstance(psf.CHANNEL_MAPPER_CONV_BIAS, bool):
+        raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.CHANNEL_MAPPER_CONV_BIAS must be True or False, got "
+                         f"{psf.CHANNEL_MAPPER_CONV_BIAS!r}")
     for proj in mapper:
         nn.init.xavier_uniform_(proj[0].weight, gain=1)
         nn.init.constant_(proj[0].bias, 0)
+        # mmcv's ConvModule (official neck) has no conv bias before its GroupNorm: a zero bias that never
+        # trains is the same function (kept so converted checkpoints, which hold zeros, load unchanged).
+        proj[0].bias.requires_grad_(psf.CHANNEL_MAPPER_CONV_BIAS)
     return mapper
 
 
@@ -123,12 +130,39 @@ def build_official_mask_decoder(cfg, num_thing_classes: int, n_levels: int) -> O
 
 
 def build_criterion(cfg, num_classes: int, num_stuff: int) -> PanopticSegFormerCriterion:
-    """Hungarian matcher + losses (Sec. 3.4, Eq. 3-5); ``num_stuff`` 0 for joint matching (Table 8)."""
+    """Hungarian matcher + losses: the paper's (Sec. 3.4, Eq. 3-5; ``num_stuff`` 0 for joint matching,
+    Table 8) or, with CRITERION "official", the released code's (:class:`OfficialCriterion`)."""
     psf = cfg.MODEL.PANOPTIC_SEGFORMER
+    key = "MODEL.PANOPTIC_SEGFORMER."
+    if psf.CRITERION not in ("paper", "official"):
+        raise ValueError(f"{key}CRITERION must be 'paper' or 'official', got {psf.CRITERION!r}")
+    if not isinstance(psf.OFFICIAL_LOSS.STUFF_CLASS_LOSS_WITHOUT_THINGS, bool):
+        raise ValueError(f"{key}OFFICIAL_LOSS.STUFF_CLASS_LOSS_WITHOUT_THINGS must be True or False, got "
+                         f"{psf.OFFICIAL_LOSS.STUFF_CLASS_LOSS_WITHOUT_THINGS!r}")
     matcher = HungarianMatcher(
         cost_class=psf.MATCHER.COST_CLASS, cost_bbox=psf.MATCHER.COST_BBOX, cost_giou=psf.MATCHER.COST_GIOU,
         cost_mask=psf.MATCHER.COST_MASK, focal_alpha=psf.FOCAL_ALPHA, focal_gamma=psf.FOCAL_GAMMA,
         box_free=psf.BOX_FREE)
+    if psf.CRITERION == "official":
+        for bad, why in ((psf.MASK_DECODER_TYPE != "official", "MASK_DECODER_TYPE 'official'"),
+                         (not psf.QUERY_DECOUPLING or num_stuff == 0, "QUERY_DECOUPLING True"),
+                         (psf.BOX_FREE, "BOX_FREE False"), (not psf.DEEP_SUPERVISION, "DEEP_SUPERVISION True"),
+                         (psf.LOCATION_DECODER_LAYERS == 0, "LOCATION_DECODER_LAYERS > 0")):
+            if bad:
+                raise ValueError(f"{key}CRITERION 'official' needs {key}{why}")
+        return OfficialCriterion(
+            num_classes, num_stuff, matcher,
+            OfficialCriterion.official_mask_matcher(
+                psf.MATCHER.COST_CLASS, psf.MATCHER.COST_BBOX, psf.MATCHER.COST_GIOU, psf.MATCHER.COST_MASK,
+                psf.FOCAL_ALPHA, psf.FOCAL_GAMMA),
+            loss_weight_cls=psf.CLASS_WEIGHT, loss_weight_seg=psf.MASK_WEIGHT, loss_weight_det=psf.DET_WEIGHT,
+            det_weight_class=psf.DET_CLASS_WEIGHT, det_weight_bbox=psf.DET_BBOX_WEIGHT,
+            det_weight_giou=psf.DET_GIOU_WEIGHT, focal_alpha=psf.FOCAL_ALPHA, focal_gamma=psf.FOCAL_GAMMA,
+            dynamic_things_stuff_weight=psf.DYNAMIC_THINGS_STUFF_WEIGHT,
+            stuff_class_loss_without_things=psf.OFFICIAL_LOSS.STUFF_CLASS_LOSS_WITHOUT_THINGS)
+    if psf.OFFICIAL_LOSS.STUFF_CLASS_LOSS_WITHOUT_THINGS:
+        raise ValueError(f"{key}OFFICIAL_LOSS.STUFF_CLASS_LOSS_WITHOUT_THINGS is read only with "
+                         f"{key}CRITERION 'official' (got CRITERION 'paper')")
     return PanopticSegFormerCriterion(
         num_classes, num_stuff, matcher, loss_weight_cls=psf.CLASS_WEIGHT, loss_weight_seg=psf.MASK_WEIGHT,
         loss_weight_det=psf.DET_WEIGHT, det_weight_class=psf.DET_CLASS_WEIGHT,
@@ -153,10 +187,14 @@ def build_query_selection(cfg, matcher: HungarianMatcher) -> ThingQuerySelection
     if not psf.QUERY_DECOUPLING:
         return ThingQuerySelection(matcher)
     filtering = psf.QUERY_FILTER.ENABLED and psf.LOCATION_DECODER_LAYERS > 0
+    if not isinstance(psf.QUERY_FILTER.TOP_UP, bool):
+        raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.QUERY_FILTER.TOP_UP must be True or False, got "
+                         f"{psf.QUERY_FILTER.TOP_UP!r}")
     return ThingQuerySelection(
         matcher, filter_rounds=psf.QUERY_FILTER.NUM_ROUNDS,
         filter_queries=psf.QUERY_FILTER.NUM_QUERIES if filtering else 0,
-        test_queries=t.NUM_THING_QUERIES, test_pairs=t.DETECTIONS_PER_IMAGE if pairs else 0)
+        test_queries=t.NUM_THING_QUERIES, test_pairs=t.DETECTIONS_PER_IMAGE if pairs else 0,
+        filter_top_up=psf.QUERY_FILTER.TOP_UP)
 
 
 def _check_test_thresholds(t):

@@ -39,6 +39,11 @@ def add_panoptic_segformer_config(cfg):
     # Offset added to the 1-based positions of the sine positional encoding before normalisation
     # (DETR: 0; mmdet's SinePositionalEncoding in the official code: -0.5).
     psf.POSITION_ENCODING_OFFSET = 0.0
+    # Trainable biases in the channel mapper's convolutions (Deformable DETR's input_proj). False: frozen at
+    # 0 (the official neck, mmcv's ConvModule, has no conv bias before GroupNorm; with 8 channels per group a
+    # trained bias is not a no-op, and even where GroupNorm removes it AdamW turns its float-noise
+    # gradients into +-lr steps).
+    psf.CHANNEL_MAPPER_CONV_BIAS = True
     psf.HIDDEN_DIM = 256
     psf.NHEADS = 8
     psf.DIM_FEEDFORWARD = 1024
@@ -66,6 +71,9 @@ def add_panoptic_segformer_config(cfg):
     psf.QUERY_FILTER.ENABLED = True
     psf.QUERY_FILTER.NUM_ROUNDS = 3
     psf.QUERY_FILTER.NUM_QUERIES = 45  # + 53 COCO stuff queries: the mask decoder sees < 100 (App. B.2)
+    # True: the matched queries are topped up by score to NUM_QUERIES. False (the official code): only the
+    # matched queries (at most NUM_QUERIES), in query order, padded per batch.
+    psf.QUERY_FILTER.TOP_UP = True
     # Mask decoder (Sec. 3.3.3): cross-attention layers, masks from attention maps (Eq. 1-2).
     psf.MASK_DECODER_LAYERS = 6
     psf.MASK_DECODER_SELF_ATTN = False
@@ -78,6 +86,17 @@ def add_panoptic_segformer_config(cfg):
     psf.STUFF_MASK_DECODER_LAYERS = 6
     psf.STUFF_MASK_DECODER_SELF_ATTN = True
     psf.DEEP_SUPERVISION = True
+    # Training objective: "paper" (Sec. 3.4, panoptic_segformer/modeling/criterion.py) or "official" (the
+    # released code's losses, matchers and weighting, panoptic_segformer/modeling/official_criterion.py;
+    # needs MASK_DECODER_TYPE "official"). With "official" the keys below keep their meaning: DET_* and
+    # MATCHER.* for the location decoder (the mask-decoder matcher doubles COST_CLASS as the official code
+    # does), MASK_WEIGHT for every Dice term, CLASS_WEIGHT x 2 for the stuff class terms.
+    psf.CRITERION = "paper"
+    psf.OFFICIAL_LOSS = CN()
+    # The released code has no stuff class loss in a batch (per GPU) without a filtered thing query
+    # (panformer_head.py:988 tests the thing logits). False reproduces that; True = the intended loss.
+    # Read only with CRITERION "official" (another value with "paper" is an error).
+    psf.OFFICIAL_LOSS.STUFF_CLASS_LOSS_WITHOUT_THINGS = False
     # Loss weights (Eq. 3-5, Appendix A.1) and Deformable DETR's detection loss weights.
     psf.CLASS_WEIGHT = 2.0
     psf.MASK_WEIGHT = 1.0
@@ -143,6 +162,11 @@ def add_panoptic_segformer_config(cfg):
     # Solver extras (Appendix A.1): AdamW, backbone LR multiplier, full-model gradient clipping.
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # More LR multipliers by parameter name, as the official config's paramwise_cfg custom_keys
+    # (sampling_offsets / reference_points 0.1): [[substring, factor], ...]. A parameter whose full name
+    # contains a substring gets base LR x factor (the first listed match; backbone parameters keep
+    # BACKBONE_MULTIPLIER and take no other).
+    cfg.SOLVER.PARAM_LR_MULTIPLIERS = []
     # Detectron2's CLIP_TYPE "value"/"norm" clip per parameter; "full_model" clips the global norm
     # of all parameters together (as DETR / Deformable DETR do).
 

@@ -31,6 +31,7 @@ from .data import PanopticSegFormerDatasetMapper
 from .evaluation import ThingMaskAPEvaluator
 
 __all__ = ["Trainer", "CPUThreadsHook", "available_core_seconds", "build_optimizer", "build_optimizer_params",
+           "param_lr_factor",
            "build_evaluator", "build_ddp_model", "check_batch_norm_synchronised"]
 
 _NORM_TYPES = (
@@ -40,13 +41,40 @@ _NORM_TYPES = (
 )
 
 
+def param_lr_factor(cfg):
+    """``name -> LR factor`` of a parameter's full name (Detectron2's ``lr_factor_func`` convention of
+    ``get_default_optimizer_params``): SOLVER.BACKBONE_MULTIPLIER for ``backbone.*`` (Appendix A.1), else
+    the factor of the first SOLVER.PARAM_LR_MULTIPLIERS entry ``[substring, factor]`` whose substring the
+    name contains (the official config's ``paramwise_cfg.custom_keys``: ``sampling_offsets`` and
+    ``reference_points`` x 0.1, as mmcv's ``DefaultOptimizerConstructor`` applies them by substring), else 1.
+    A malformed entry is a ValueError naming the key."""
+    entries = []
+    for entry in cfg.SOLVER.PARAM_LR_MULTIPLIERS:
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
+              and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and entry[1] >= 0)
+        if not ok:
+            raise ValueError(f"SOLVER.PARAM_LR_MULTIPLIERS entries must be [name substring, factor >= 0], got "
+                             f"{entry!r} in {cfg.SOLVER.PARAM_LR_MULTIPLIERS!r}")
+        entries.append((entry[0], float(entry[1])))
+    backbone = cfg.SOLVER.BACKBONE_MULTIPLIER
+
+    def factor(name: str) -> float:
+        if name.startswith("backbone."):
+            return backbone
+        return next((f for sub, f in entries if sub in name), 1.0)
+
+    return factor
+
+
 def build_optimizer_params(cfg, model):
-    """Parameter groups: base LR (x SOLVER.BACKBONE_MULTIPLIER for the backbone, Appendix A.1;
-    x SOLVER.BIAS_LR_FACTOR for biases), weight decay SOLVER.WEIGHT_DECAY (WEIGHT_DECAY_NORM for
-    normalisation layers, WEIGHT_DECAY_BIAS for biases when set)."""
+    """Parameter groups: base LR (x SOLVER.BACKBONE_MULTIPLIER for the backbone, Appendix A.1; x the
+    SOLVER.PARAM_LR_MULTIPLIERS factor of other names, :func:`param_lr_factor`; x SOLVER.BIAS_LR_FACTOR for
+    biases), weight decay SOLVER.WEIGHT_DECAY (WEIGHT_DECAY_NORM for normalisation layers,
+    WEIGHT_DECAY_BIAS for biases when set)."""
     from detectron2.layers import FrozenBatchNorm2d
 
     norm_types = _NORM_TYPES + (FrozenBatchNorm2d,)
+    lr_factor = param_lr_factor(cfg)
     params, seen = [], set()
     for module_name, module in model.named_modules():
         for name, value in module.named_parameters(recurse=False):
@@ -55,8 +83,7 @@ def build_optimizer_params(cfg, model):
             seen.add(value)
             lr = cfg.SOLVER.BASE_LR
             weight_decay = cfg.SOLVER.WEIGHT_DECAY
-            if module_name.startswith("backbone"):
-                lr *= cfg.SOLVER.BACKBONE_MULTIPLIER
+            lr *= lr_factor(f"{module_name}.{name}" if module_name else name)
             if isinstance(module, norm_types):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
             elif name == "bias":

@@ -263,6 +263,8 @@ class PanopticSegFormer(nn.Module):
         self.query_selection.use_pair_classes(layers, things)
         outputs = {"location": {"pred_logits": loc["pred_logits"], "pred_boxes": loc["pred_boxes"]},
                    "thing_query_index": things.index, "mask": layers, "levels": levels}
+        if things.valid is not None:  # query filtering without top-up: padded per batch
+            outputs["thing_query_valid"] = things.valid
         if things.pair_classes is not None and loc["pred_boxes"][-1].shape[-1] == 4:
             outputs["thing_boxes"] = loc["pred_boxes"][-1].gather(1, things.index[..., None].expand(-1, -1, 4))
         return outputs
@@ -323,7 +325,8 @@ class PanopticSegFormer(nn.Module):
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         if self.training:
-            self.mask_decoder.check_trainable()
+            if not getattr(self.criterion, "official", False):  # the official criterion trains the official decoder
+                self.mask_decoder.check_trainable()
             for x in batched_inputs:
                 if "instances" not in x or "stuff" not in x:
                     raise ValueError("training inputs need 'instances' and 'stuff' "

@@ -36,26 +36,30 @@ from fvcore.nn import sigmoid_focal_loss
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from .matcher import DICE_EPS, HungarianMatcher, _to_device, _to_host, downsample_masks, mask_mass_centers
+from .matcher import (DICE_EPS, HungarianMatcher, _to_device, _to_host, dice_terms, downsample_masks,
+                      mask_mass_centers)
 
 __all__ = ["PanopticSegFormerCriterion", "dice_loss", "mask_mass_centers", "paired_giou_loss"]
 
 
-def dice_loss(mask_logits: Tensor, targets: Tensor, eps: float = DICE_EPS) -> Tensor:
+def dice_loss(mask_logits: Tensor, targets: Tensor, eps: float = DICE_EPS, sigmoid: bool = True,
+              eps_each: bool = False) -> Tensor:
     """Dice loss of paired masks (V-Net form [32]), float32.
 
     ``1 - 2 sum(p t) / (sum(p^2) + sum(t^2) + eps)`` with ``p = sigmoid(mask_logits)``; the same formula as
-    :func:`~panoptic_segformer.modeling.matcher.pairwise_dice_cost`.
+    :func:`~panoptic_segformer.modeling.matcher.pairwise_dice_cost`. ``sigmoid=False``: the inputs are
+    already probabilities (the official ReLU masks); ``eps_each``: eps on each sum (the official
+    ``DiceLoss``, :func:`~panoptic_segformer.modeling.matcher.dice_terms`).
 
     Args:
-        mask_logits: (P, h, w) mask logits.
+        mask_logits: (P, h, w) mask logits (probabilities with ``sigmoid=False``).
         targets: (P, h, w) soft targets in ``[0, 1]``.
     Returns:
         (P,) per-mask loss.
     """
-    p = mask_logits.float().flatten(1).sigmoid()
-    t = targets.float().flatten(1)
-    return 1 - 2 * (p * t).sum(-1) / (p.pow(2).sum(-1) + t.pow(2).sum(-1) + eps)
+    p = mask_logits.float().flatten(1)
+    p = p.sigmoid() if sigmoid else p
+    return dice_terms(p, targets.float().flatten(1), eps, eps_each, pairwise=False)
 
 
 def paired_giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:

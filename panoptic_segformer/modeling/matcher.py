@@ -34,6 +34,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 __all__ = [
     "DICE_EPS",
     "HungarianMatcher",
+    "dice_terms",
     "downsample_masks",
     "focal_class_cost",
     "mask_mass_centers",
@@ -81,25 +82,49 @@ def mask_mass_centers(masks: Tensor, image_size: Sequence[int]) -> Tensor:
     return torch.where((area > 0)[:, None], centers, torch.full_like(centers, 0.5))
 
 
-def downsample_masks(masks: Tensor, size: Sequence[int]) -> Tensor:
-    """Area-downsample masks to the mask-prediction size (soft targets in ``[0, 1]``).
+def downsample_masks(masks: Tensor, size: Sequence[int], mode: str = "area") -> Tensor:
+    """Downsample masks to the mask-prediction size (soft targets in ``[0, 1]``).
 
     Args:
         masks: (M, H', W') bool or float masks (e.g. at the padded input size, H' = 8h).
         size: (h, w) target size.
+        mode: "area" (this project): each value is the fraction of the covered input pixels (adaptive
+            average pooling, exact box averaging when H'/h and W'/w are integers); "bilinear" (the official
+            code: ``F.interpolate(..., mode='bilinear')``, align_corners False, no antialiasing -- a point
+            sample of the 2x2 pixels around each cell centre, panformer_head.py:900-903 and
+            easymd/core/bbox/match_costs/match_cost.py:81-82).
     Returns:
-        (M, h, w) float32; each value is the fraction of the covered input pixels (adaptive average pooling,
-        exact box averaging when H'/h and W'/w are integers).
+        (M, h, w) float32.
     """
     if masks.dim() != 3:
         raise ValueError(f"masks must be (M, H, W), got shape {tuple(masks.shape)}")
+    if mode not in ("area", "bilinear"):
+        raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
     size = (int(size[0]), int(size[1]))
     if tuple(masks.shape[-2:]) == size:
         return masks.float()
     if masks.shape[0] == 0:
         return torch.zeros((0, *size), device=masks.device)
     # Chunks bound the float copy of full-resolution masks (~100 masks of 1344x1344 would need ~0.7 GB).
+    if mode == "bilinear":
+        return torch.cat([F.interpolate(c.float()[None], size=size, mode="bilinear", align_corners=False)[0]
+                          for c in masks.split(16)])
     return torch.cat([F.adaptive_avg_pool2d(c.float()[:, None], size)[:, 0] for c in masks.split(16)])
+
+
+def dice_terms(probs: Tensor, targets: Tensor, eps: float, eps_each: bool, pairwise: bool) -> Tensor:
+    """``1 - 2 sum(p t) / denominator`` of flattened probabilities (P, D) and targets (P|M, D): the Dice
+    cost/loss of this project (``sum(p^2) + sum(t^2) + eps``) or, with ``eps_each``, of the official code
+    (``(sum(p^2) + eps) + (sum(t^2) + eps)``, easymd/models/losses/dice_loss.py:42-45 and
+    match_costs/match_cost.py:87-90). ``pairwise``: (P, M) for every pair, else (P,) for paired rows."""
+    if pairwise:
+        inter = probs @ targets.T
+        p2, t2 = probs.pow(2).sum(-1)[:, None], targets.pow(2).sum(-1)[None, :]
+    else:
+        inter = (probs * targets).sum(-1)
+        p2, t2 = probs.pow(2).sum(-1), targets.pow(2).sum(-1)
+    denom = (p2 + eps) + (t2 + eps) if eps_each else p2 + t2 + eps
+    return 1 - 2 * inter / denom
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -122,23 +147,23 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
     return pos - neg
 
 
-def pairwise_dice_cost(mask_logits: Tensor, target_masks: Tensor, eps: float = DICE_EPS) -> Tensor:
+def pairwise_dice_cost(mask_logits: Tensor, target_masks: Tensor, eps: float = DICE_EPS, sigmoid: bool = True,
+                       eps_each: bool = False) -> Tensor:
     """Dice cost between every predicted mask and every ground-truth mask (V-Net form [32]).
 
     ``cost[q, j] = 1 - 2 <p_q, t_j> / (|p_q|^2 + |t_j|^2 + eps)`` with ``p = sigmoid(mask_logits)``; computed
-    with one matmul.
+    with one matmul. ``sigmoid=False``: the predictions are already probabilities (the official ReLU masks,
+    used as they are); ``eps_each``: eps on each sum (the official ``DiceCost``, :func:`dice_terms`).
 
     Args:
-        mask_logits: (Q, h, w) mask logits.
+        mask_logits: (Q, h, w) mask logits (probabilities with ``sigmoid=False``).
         target_masks: (M, h, w) soft targets in ``[0, 1]`` (same size as the predictions).
     Returns:
         (Q, M) float32 cost.
     """
-    p = mask_logits.float().flatten(1).sigmoid()
-    t = target_masks.float().flatten(1)
-    inter = p @ t.T
-    denom = p.pow(2).sum(-1)[:, None] + t.pow(2).sum(-1)[None, :] + eps
-    return 1 - 2 * inter / denom
+    p = mask_logits.float().flatten(1)
+    p = p.sigmoid() if sigmoid else p
+    return dice_terms(p, target_masks.float().flatten(1), eps, eps_each, pairwise=True)
 
 
 def _sanitize(cost: Tensor) -> Tensor:
@@ -207,6 +232,10 @@ class HungarianMatcher(nn.Module):
         cost_class, cost_bbox, cost_giou, cost_mask: weights of the cost parts.
         focal_alpha, focal_gamma: focal-cost parameters.
         box_free: predictions/targets are ``(x, y)`` mass centres instead of ``(cx, cy, w, h)`` boxes.
+        mask_sigmoid, mask_resize, dice_eps, dice_eps_each: the Dice part (:func:`pairwise_dice_cost`,
+            :func:`downsample_masks`): this project's defaults (sigmoid of mask logits, area-downsampled
+            targets, eps 1e-3 once); the official mask-decoder matcher uses the ReLU masks as they are,
+            bilinear targets and eps 1e-3 on each sum (``DiceCost``, easymd/core/bbox/match_costs/match_cost.py:48-90).
     """
 
     def __init__(
@@ -218,8 +247,14 @@ class HungarianMatcher(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         box_free: bool = False,
+        mask_sigmoid: bool = True,
+        mask_resize: str = "area",
+        dice_eps: float = DICE_EPS,
+        dice_eps_each: bool = False,
     ):
         super().__init__()
+        if mask_resize not in ("area", "bilinear"):
+            raise ValueError(f"mask_resize must be 'area' or 'bilinear', got {mask_resize!r}")
         weights = dict(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou, cost_mask=cost_mask)
         for name, value in weights.items():
             if value < 0:
@@ -233,6 +268,10 @@ class HungarianMatcher(nn.Module):
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.box_free = bool(box_free)
+        self.mask_sigmoid = bool(mask_sigmoid)
+        self.mask_resize = mask_resize
+        self.dice_eps = float(dice_eps)
+        self.dice_eps_each = bool(dice_eps_each)
 
     @property
     def loc_dim(self) -> int:
@@ -333,8 +372,9 @@ class HungarianMatcher(nn.Module):
                     raise ValueError(
                         f"target['masks'] must be ({num_gt}, H, W), got shape {tuple(tgt_masks.shape)}"
                     )
-                tgt_masks = downsample_masks(tgt_masks.to(device), pred_masks.shape[-2:])
-                cost += self.cost_mask * pairwise_dice_cost(pred_masks, tgt_masks)
+                tgt_masks = downsample_masks(tgt_masks.to(device), pred_masks.shape[-2:], self.mask_resize)
+                cost += self.cost_mask * pairwise_dice_cost(pred_masks, tgt_masks, self.dice_eps, self.mask_sigmoid,
+                                                            self.dice_eps_each)
         return _sanitize(cost)
 
     def _predictions(self, outputs: Dict[str, Tensor], batch: Optional[int]) -> Dict[str, Optional[Tensor]]:
@@ -412,6 +452,10 @@ class HungarianMatcher(nn.Module):
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
             f"cost_mask={self.cost_mask}, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
             f"box_free={self.box_free}"
+            + ("" if (self.mask_sigmoid, self.mask_resize, self.dice_eps, self.dice_eps_each)
+               == (True, "area", DICE_EPS, False) else
+               f", mask_sigmoid={self.mask_sigmoid}, mask_resize={self.mask_resize!r}, dice_eps={self.dice_eps}, "
+               f"dice_eps_each={self.dice_eps_each}")
         )
 
 
@@ -499,6 +543,7 @@ def select_thing_queries(
     num_rounds: int,
     num_queries: int,
     matcher: Optional[HungarianMatcher] = None,
+    top_up: bool = True,
 ) -> Tensor:
     """Choose the thing queries fed to the mask decoder (query filtering, App. B.2).
 
@@ -508,6 +553,11 @@ def select_thing_queries(
     same count, so the result is a dense index tensor. With ``targets=None`` (inference) or
     ``num_rounds=0`` this is plain top-``num_queries`` by score.
 
+    ``top_up=False`` (the official code, ``filter_query``, panformer_head.py:422-488 and
+    ``HungarianAssigner_filter``, tools.py:205-299): only the matched queries (at most ``num_queries``,
+    later rounds cut first), in ascending query index (their ``pos_ind``, head:713-725); images with fewer
+    are padded with -1 to the batch's largest count (the official head pads with zero queries, head:711-725).
+
     Args:
         pred_logits: (N, Q, K) final location-decoder class logits.
         pred_boxes: (N, Q, 4) normalized cxcywh boxes, or (N, Q, 2) centres when box-free.
@@ -516,7 +566,8 @@ def select_thing_queries(
         num_queries: number of queries kept per image, ``1 <= num_queries <= Q``.
         matcher: cost definition; default ``HungarianMatcher(box_free=pred_boxes.shape[-1] == 2)``.
     Returns:
-        (N, num_queries) long indices into the Q location-decoder queries, no repeats within an image.
+        (N, num_queries) long indices into the Q location-decoder queries, no repeats within an image
+        ((N, max matched) with -1 padding when ``top_up`` is False).
     """
     if matcher is None:
         matcher = HungarianMatcher(box_free=pred_boxes.shape[-1] == 2)
@@ -532,6 +583,13 @@ def select_thing_queries(
         matched = [m[0] for m in multi_round_match(pred_logits, pred_boxes, targets, num_rounds, matcher)]
     else:
         matched = [torch.zeros(0, dtype=torch.long, device=pred_logits.device)] * batch
+    if not top_up:
+        kept = [torch.sort(m[:num_queries]).values for m in matched]
+        width = max(k.numel() for k in kept) if kept else 0
+        out = torch.full((batch, width), -1, dtype=torch.long, device=pred_logits.device)
+        for i, k in enumerate(kept):
+            out[i, : k.numel()] = k
+        return out
     selected = []
     for i in range(batch):
         first = matched[i][:num_queries]

