@@ -83,7 +83,11 @@ def test_onnxruntime_per_query_outputs_and_predictions_equal_pytorch(exported, c
             if w.is_floating_point():  # two float32 runtimes (ORT's kernels vs ATen): ~1e-5 on logits <= ~11
                 assert torch.allclose(g, w, rtol=0, atol=1e-4), (name, key, float((g - w).abs().max()))
             else:
-                assert torch.equal(g, w), (name, key)
+                # labels / is_thing: an argmax over the class distribution, so equal except at queries whose
+                # two largest class probabilities lie within twice the float tolerance above (a near-tie)
+                top2 = want[0].topk(2, dim=-1).values
+                decided = (top2[..., 0] - top2[..., 1]) > 2e-4
+                assert torch.equal(g[decided], w[decided]), (name, key)
         # Detectron2 outputs through the registered post-processor: the same panoptic segmentation.
         a, b = reference(bgr), onnx(bgr)
         # The same map, up to pixels where a mask probability lies within float32 noise of the 0.5 threshold
@@ -98,7 +102,11 @@ def test_onnxruntime_per_query_outputs_and_predictions_equal_pytorch(exported, c
                            rtol=0, atol=1e-4), name
         segments_seen += len(a["panoptic_seg"][1])
         assert a["panoptic_seg"][0].shape == bgr.shape[:2]
-        assert torch.equal(a["instances"].pred_classes, b["instances"].pred_classes), name
+        # Instances are ranked by score: equal classes, except that two instances whose scores are within
+        # twice the score tolerance (2e-4) may come out in either order.
+        ca, cb, sa = a["instances"].pred_classes, b["instances"].pred_classes, a["instances"].scores
+        for i in (ca != cb).nonzero().flatten().tolist():
+            assert any(int(ca[j]) == int(cb[i]) and abs(float(sa[j] - sa[i])) <= 2e-4 for j in range(len(ca))), name
         assert torch.allclose(a["instances"].scores, b["instances"].scores, atol=1e-4), name
         assert torch.allclose(a["sem_seg"], b["sem_seg"], atol=1e-4), name
     assert len(sizes_seen) == 3 and TRACE_SIZE not in sizes_seen  # 3 padded sizes (the COCO pair share one), none traced
