@@ -187,6 +187,20 @@ def add_panoptic_segformer_config(cfg):
     # random crop (INPUT.CROP, absolute_range 384-600), then the multi-scale resize.
     cfg.INPUT.DETR_CROP_PROB = 0.5
     cfg.INPUT.CROP_RESIZE_SHORT = [400, 500, 600]
+    # Cap on the long side of that pre-crop resize; 0 = none (the paper-text pipeline). The authors' config
+    # caps it at 4200 (Resize img_scale (400..600, 4200)).
+    cfg.INPUT.CROP_RESIZE_MAX_SIZE = 0
+    # Which training/test pipeline the dataset mapper builds from the INPUT keys:
+    # "paper": Detectron2's ResizeShortestEdge / RandomCrop / RandomFlip (PIL resize), tight boxes of the
+    #   augmented masks, stuff merged per class, crop survivors = non-empty masks;
+    # "official": the authors' released pipeline, mmdet 2.12 / mmcv 1.3.4 reproduced
+    #   (panoptic_segformer/data/official_augmentation.py): flip, then AutoAugment between the multi-scale
+    #   resize (MIN_SIZE_TRAIN x MAX_SIZE_TRAIN) and resize (CROP_RESIZE_SHORT x CROP_RESIZE_MAX_SIZE) ->
+    #   crop (CROP.SIZE, absolute_range) -> multi-scale resize, with mmcv's size rounding and cv2 bilinear;
+    #   annotation boxes transformed with the image; test: mmcv.imrescale to (MAX_SIZE_TEST, MIN_SIZE_TEST).
+    #   It needs RANDOM_FLIP horizontal|none, MIN_SIZE_TRAIN_SAMPLING choice, CROP.TYPE absolute_range and
+    #   DETR_CROP_PROB 0.5 (AutoAugment's uniform choice); other values are an error naming the key.
+    cfg.INPUT.AUGMENTATION = "paper"
     cfg.INPUT.SIZE_DIVISIBILITY = 32
     # Images smaller than this (either side, in pixels) are rejected with an error naming the file.
     cfg.INPUT.MIN_IMAGE_SIZE = 32

@@ -14,6 +14,7 @@ import numpy as np
 from detectron2.engine import DefaultPredictor
 
 from .checkpoint import PanopticSegFormerCheckpointer
+from .data.official_augmentation import build_official_test_augmentation, check_augmentation_config
 
 __all__ = ["PanopticSegFormerPredictor", "as_bgr_image"]
 
@@ -50,7 +51,9 @@ def as_bgr_image(image) -> np.ndarray:
 class PanopticSegFormerPredictor(DefaultPredictor):
     """``DefaultPredictor(cfg)`` that also accepts grayscale and BGRA arrays and rejects other
     layouts clearly (:func:`as_bgr_image`), and loads MODEL.WEIGHTS with
-    :class:`PanopticSegFormerCheckpointer`. Same outputs as ``DefaultPredictor`` on (H, W, 3) BGR."""
+    :class:`PanopticSegFormerCheckpointer`. Same outputs as ``DefaultPredictor`` on (H, W, 3) BGR, except
+    that with ``INPUT.AUGMENTATION "official"`` the image is resized as the official test mapper does
+    (``mmcv.imrescale`` with cv2 bilinear) instead of with ``ResizeShortestEdge``."""
 
     def __init__(self, cfg):
         blank = cfg.clone()
@@ -58,6 +61,8 @@ class PanopticSegFormerPredictor(DefaultPredictor):
         blank.MODEL.WEIGHTS = ""  # DefaultPredictor would load with DetectionCheckpointer
         super().__init__(blank)
         self.cfg = cfg.clone()
+        if check_augmentation_config(cfg) == "official":  # mmcv.imrescale (cv2), as the test mapper
+            self.aug = build_official_test_augmentation(cfg)[0]
         PanopticSegFormerCheckpointer.from_config(self.model, cfg).load(cfg.MODEL.WEIGHTS)
 
     def __call__(self, original_image):

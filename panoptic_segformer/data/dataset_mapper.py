@@ -9,10 +9,17 @@ Training targets:
 Crowd segments (``iscrowd=1``) and void pixels (id 0) are in neither: as in COCO's evaluation they
 are ignored, i.e. they only act as background for the masks. Segments emptied by a crop are dropped.
 
-Augmentations (Sec. 4.1 / Appendix A.1): random horizontal flip; multi-scale resize (short side
-480-800, long side <= 1333); with probability ``INPUT.DETR_CROP_PROB`` a DETR-style crop (short side
-to 400/500/600, random crop 384-600, then the multi-scale resize). Test: resize to 800/1333, after
-an optional corruption of the image as read (``TEST.CORRUPTION``, Table 11; see ``.corruptions``).
+Augmentations (Sec. 4.1 / Appendix A.1; ``INPUT.AUGMENTATION: "paper"``): random horizontal flip;
+multi-scale resize (short side 480-800, long side <= 1333); with probability ``INPUT.DETR_CROP_PROB`` a
+DETR-style crop (short side to 400/500/600, random crop 384-600, then the multi-scale resize). Test: resize
+to 800/1333, after an optional corruption of the image as read (``TEST.CORRUPTION``, Table 11; see
+``.corruptions``).
+
+``INPUT.AUGMENTATION: "official"``: the authors' released pipeline (``.official_augmentation``: mmdet's flip,
+AutoAugment of the two policies, mmcv's cv2 resize and rounding, their crop; test: ``mmcv.imrescale`` to
+1333 x 800) and their targets: boxes are the annotation boxes transformed with the image (not the masks'
+tight boxes), a segment survives a crop iff its box does (possibly with an empty mask), crowd segments and
+segments with a degenerate box are dropped, and stuff segments stay one target each (not merged per class).
 """
 import copy
 import logging
@@ -28,6 +35,8 @@ from detectron2.structures import BitMasks, Boxes, Instances
 
 from ..utils import masks_to_boxes
 from .corruptions import build_test_corruption
+from .official_augmentation import (MmdetCropTransform, build_official_test_augmentation,
+                                    build_official_train_augmentation, check_augmentation_config)
 from .io import DatasetError, check_segments, read_image_rgb, read_panoptic_png
 
 __all__ = ["PanopticSegFormerDatasetMapper", "target_instances"]
@@ -68,6 +77,7 @@ class PanopticSegFormerDatasetMapper:
         min_image_size=32,
         corruption=None,
         dataloader_workers=0,
+        official_targets=False,
     ):
         """
         Args:
@@ -81,6 +91,8 @@ class PanopticSegFormerDatasetMapper:
                 image right after it is read (TEST.CORRUPTION, Table 11; see `.corruptions`).
             dataloader_workers: DATALOADER.NUM_WORKERS; with workers, building the mapper sets one OpenCV
                 thread before they are forked (:func:`one_opencv_thread_for_workers`).
+            official_targets: the authors' training targets (``INPUT.AUGMENTATION: "official"``, see
+                :meth:`_official_targets`) instead of the paper-text ones.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -90,6 +102,7 @@ class PanopticSegFormerDatasetMapper:
         self.thing_ids = set(thing_ids)
         self.min_image_size = min_image_size
         self.corruption = corruption
+        self.official_targets = bool(official_targets)
         if dataloader_workers > 0:
             one_opencv_thread_for_workers()
         logger.info(f"[PanopticSegFormerDatasetMapper] augmentations: {augmentations}; with "
@@ -97,7 +110,12 @@ class PanopticSegFormerDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
-        if is_train:
+        official = check_augmentation_config(cfg) == "official"
+        if official:
+            augs = (build_official_train_augmentation if is_train else build_official_test_augmentation)(cfg)
+            crop_augs, crop_prob = [], 0.0
+            dataset_names = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
+        elif is_train:
             resize = T.ResizeShortestEdge(
                 cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
             )
@@ -108,7 +126,9 @@ class PanopticSegFormerDatasetMapper:
             crop_augs = []
             if cfg.INPUT.CROP.ENABLED:
                 crop_augs = flip + [
-                    T.ResizeShortestEdge(cfg.INPUT.CROP_RESIZE_SHORT, sample_style="choice"),
+                    T.ResizeShortestEdge(cfg.INPUT.CROP_RESIZE_SHORT, sample_style="choice",
+                                         **({"max_size": cfg.INPUT.CROP_RESIZE_MAX_SIZE}
+                                            if cfg.INPUT.CROP_RESIZE_MAX_SIZE > 0 else {})),
                     T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE),
                     resize,
                 ]
@@ -134,6 +154,7 @@ class PanopticSegFormerDatasetMapper:
             # Checked in training too, so that a bad TEST.CORRUPTION fails before training starts.
             "corruption": None if is_train else corruption,
             "dataloader_workers": cfg.DATALOADER.NUM_WORKERS,
+            "official_targets": official and is_train,
         }
 
     def _read_ground_truth(self, dataset_dict, image):
@@ -175,6 +196,10 @@ class PanopticSegFormerDatasetMapper:
             dataset_dict.pop("pan_seg_file_name", None)
             return dataset_dict
 
+        if self.official_targets:
+            dataset_dict["instances"], dataset_dict["stuff"] = self._official_targets(
+                dataset_dict.pop("segments_info"), pan_seg, transforms, image_shape)
+            return dataset_dict
         # float64 holds every id exactly; Detectron2 resizes non-uint8 maps with torch (nearest).
         pan_seg = transforms.apply_segmentation(pan_seg.astype(np.float64)).astype(np.int64)
         thing_classes, thing_masks, stuff_masks = [], [], {}
@@ -198,6 +223,60 @@ class PanopticSegFormerDatasetMapper:
             image_shape, stuff_classes, [stuff_masks[c] for c in stuff_classes], with_boxes=False
         )
         return dataset_dict
+
+    def _official_targets(self, segments_info, pan_seg, transforms, image_shape):
+        """The authors' targets (easymd/datasets/coco_panoptic.py:154-172 and mmdet's transforms): one per
+        segment in annotation order, things in "instances" and stuff in "stuff", each with ``gt_classes``,
+        ``gt_masks`` and ``gt_boxes``.
+
+        A segment enters unless it is a crowd, its area is <= 0, its box has ``w < 1`` or ``h < 1`` or does
+        not intersect the image. Its box is the annotation box ``[x, y, x + w, y + h]`` (float32; computed
+        from the mask, as COCO does, when the dict has no "bbox") transformed with the image by each
+        transform's ``apply_box`` (mmdet's float32 arithmetic, clipped); after a crop it survives iff its
+        box has positive width and height (``MmdetCropTransform.valid_boxes``), even if its mask is empty.
+        Masks: the segment-id map through the transforms (nearest), compared with the segment's id.
+        """
+        height, width = pan_seg.shape
+        kept, boxes = [], []
+        for seg in segments_info:
+            if seg.get("iscrowd", 0):
+                continue
+            if "bbox" in seg:
+                x, y, w, h = seg["bbox"]
+                area = seg.get("area", 1)
+            else:
+                ys, xs = np.nonzero(pan_seg == seg["id"])
+                if xs.size == 0:
+                    continue
+                x, y = int(xs.min()), int(ys.min())
+                w, h, area = int(xs.max()) - x + 1, int(ys.max()) - y + 1, int(xs.size)
+            inter_w = max(0, min(x + w, width) - max(x, 0))
+            inter_h = max(0, min(y + h, height) - max(y, 0))
+            if inter_w * inter_h == 0 or area <= 0 or w < 1 or h < 1:
+                continue
+            kept.append(seg)
+            boxes.append([x, y, x + w, y + h])
+        boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+        valid = np.ones(len(kept), dtype=bool)
+        for t in getattr(transforms, "transforms", [transforms]):
+            boxes = t.apply_box(boxes)
+            if isinstance(t, MmdetCropTransform):
+                valid &= MmdetCropTransform.valid_boxes(boxes)
+        seg_map = transforms.apply_segmentation(pan_seg.astype(np.int32))
+        targets = {True: ([], [], []), False: ([], [], [])}  # is thing -> (classes, masks, boxes)
+        for seg, box, ok in zip(kept, boxes, valid):
+            if ok:
+                classes, masks, boxes_out = targets[seg["category_id"] in self.thing_ids]
+                classes.append(seg["category_id"])
+                masks.append(seg_map == seg["id"])
+                boxes_out.append(box)
+        out = []
+        for is_thing in (True, False):
+            classes, masks, boxes_out = targets[is_thing]
+            inst = target_instances(image_shape, classes, masks, with_boxes=False)
+            inst.gt_boxes = Boxes(torch.from_numpy(np.array(boxes_out, dtype=np.float32).reshape(-1, 4)))
+            out.append(inst)
+        return tuple(out)
 
 
 def target_instances(image_shape, classes, masks, with_boxes: bool) -> Instances:
