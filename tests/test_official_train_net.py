@@ -74,3 +74,60 @@ def test_train_net_official_shapes_config(tmp_path):
     _train_net(config, ["DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "INPUT.MIN_SIZE_TRAIN", "(128,)",
                         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "DATALOADER.NUM_WORKERS", "0",
                         "DATASETS.TEST", "()"], tmp_path)
+
+
+def _image(seed, things, stuff, size=128):  # 2 x 2 at stride 64 (GroupNorm needs > 1 value)
+    """A random image with `things` square thing segments (classes 0..3) and `stuff` horizontal stuff bands
+    (classes 4..6, K_th + stuff index), in the dataset mapper's training format."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+    masks, boxes = torch.zeros(things, size, size, dtype=torch.bool), []
+    for k in range(things):
+        x0, y0 = 4 + 14 * k, 6 + 5 * k
+        masks[k, y0:y0 + 12, x0:x0 + 10] = True
+        boxes.append([x0, y0, x0 + 10, y0 + 12])
+    inst = Instances((size, size))
+    inst.gt_classes = torch.arange(things) % 4
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_masks = BitMasks(masks)
+    bands = torch.zeros(stuff, size, size, dtype=torch.bool)
+    for s in range(stuff):
+        bands[s, s * size // stuff:(s + 1) * size // stuff] = True
+    st = Instances((size, size))
+    st.gt_classes = 4 + torch.arange(stuff)
+    st.gt_masks = BitMasks(bands)
+    return {"image": image, "instances": inst, "stuff": st, "height": size, "width": size}
+
+
+def test_official_losses_of_a_batch_are_the_per_image_sums_with_batch_ratios():
+    """The official objective is per image up to its batch-level normalisers: every term is a sum over
+    images / n (n_th = the filtered thing queries, min(M_th, Q) per image, or n_st = the stuff ground truths,
+    summed over the batch) x r (r_th = n_th / (n_th + n_st), r_st = n_st / (n_th + n_st) of the batch). So a
+    batch of 2 images with 1 and 3 things (the padded Q' axis, thing_query_valid) gives, term by term,
+    (T_a n_a / r_a + T_b n_b / r_b) r / n from the losses of the images alone. FrozenBN: BatchNorm would
+    couple the images."""
+    cfg = setup_cfg(os.path.join(REPO_ROOT, "configs", "shapes", "official_shapes.yaml"),
+                    ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "32",
+                     "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "64", "MODEL.PANOPTIC_SEGFORMER.NHEADS", "2"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    a, b = _image(0, things=1, stuff=1), _image(1, things=3, stuff=2)
+    with torch.no_grad():
+        alone = [{k: float(v) for k, v in model([x]).items()} for x in (a, b)]
+        valid = []
+        hook = model.criterion.register_forward_pre_hook(lambda m, args: valid.append(args[0]["thing_query_valid"]))
+        batch = {k: float(v) for k, v in model([a, b]).items()}
+        hook.remove()
+    assert valid[0].sum(1).tolist() == [1, 3]  # one filtered query per thing: padding in the Q' axis
+    n_th, n_st = [1.0, 3.0], [1.0, 2.0]
+    ratio = lambda th, st: (th / (th + st), st / (th + st))  # noqa: E731
+    for name, value in batch.items():
+        stuff = name.startswith("loss_stuff_")
+        n = n_st if stuff else n_th
+        r = [ratio(n_th[i], n_st[i])[1 if stuff else 0] for i in range(2)]
+        r_batch = ratio(sum(n_th), sum(n_st))[1 if stuff else 0]
+        expected = sum(alone[i][name] * n[i] / r[i] for i in range(2)) * r_batch / sum(n)
+        # float32 sums over other groupings (the batch's vs each image's): 1e-5 relative
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-7), (name, value, expected)
