@@ -422,6 +422,9 @@ def official_stage(args):
                                                                             steps[-1]["grad_norm"]), flush=True)
     final = model.state_dict()
     updates = {n: (final[n] - init_state[n]).clone() for n, p in model.named_parameters()}
+    params = {n for n, _ in model.named_parameters()}
+    buffers_changed = sorted(n for n in final if n not in params and not torch.equal(final[n], init_state[n]))
+    print("official: buffers changed by the 3 steps: %s" % (buffers_changed or "none"), flush=True)
 
     dump = dict(
         meta=dict(seed=args.seed, reduced=REDUCED, perturbed_zero_init=perturbed, choices=CHOICES, step_images=STEP_IMAGES,
@@ -435,7 +438,8 @@ def official_stage(args):
                                for k, v in x["img_metas"][0].items() if k != "img_norm_cfg"},
                      gt_bboxes=x["gt_bboxes"][0], gt_labels=x["gt_labels"][0],
                      gt_masks=torch.from_numpy(x["gt_masks"][0].to_ndarray())) for x in inputs],
-        per_image=per_image, steps=steps, updates=updates, lr=lr_of, weight_decay=wd_of)
+        per_image=per_image, steps=steps, updates=updates, lr=lr_of, weight_decay=wd_of,
+        buffers_changed=buffers_changed)
     path = os.path.join(args.work_dir, DUMP_NAME)
     torch.save(dump, path)
     print("official: wrote %s" % path, flush=True)
@@ -710,14 +714,65 @@ def run_ours(fixture_path, dump_path=None, extra_overrides=()):
             n_keep = float((ut * keep).norm())
             res["elementwise"][off] = dict(
                 n=ut.numel(), noisy=int(noisy.sum()), flips=int(((uo - ut).abs() > 0.5 * res["lr"][o][0]).sum()),
+                tenth=int(((uo - ut).abs() > 0.1 * res["lr"][o][0]).sum()),
+                tenth_f64=int(((ut - to_official_layout(off, exact[o])).abs() > 0.1 * res["lr"][o][0]).sum()),
                 rel=float((uo - ut).norm()) / max(float(ut.norm()), 1e-30),
                 theirs_f64=float((ut - to_official_layout(off, exact[o])).norm()) / max(float(ut.norm()), 1e-30),
                 ours_f64=float((uo - to_official_layout(off, exact[o])).norm()) / max(float(ut.norm()), 1e-30),
                 rel_kept=float(((uo - ut) * keep).norm()) / n_keep if n_keep > 0 else float((uo - ut).norm()))
+    if dump is not None and "grads" in dump["steps"][0]:
+        res["step_grads"] = step_gradients(fixture_path, dump, extra_overrides)
     return res, fixture, model
 
 
 NOISE_STEP_FRACTION = 0.01
+
+
+def step_gradients(fixture_path, dump, extra_overrides=()):
+    """Each optimizer step's gradient (before clipping) against theirs (dumps with per-step gradients):
+    ``"own"``: ours along our own 3 steps (float32); ``"their_weights"``: our model given THEIR weights
+    before the step (initial + their update so far), float32 and float64 -- which separates a difference in
+    the step's computation from one in the weights it starts from. Returns {key: [per step: {official
+    name: relative difference in L2 norm}]}."""
+    import torch
+
+    from panoptic_segformer.engine import build_optimizer
+
+    fixture = np.load(fixture_path)
+
+    def grads_of(model, name_map, index, dtype):
+        model.zero_grad(set_to_none=True)
+        inputs = fixture_inputs(fixture, index)
+        inputs["image"] = inputs["image"].to(dtype)
+        sum(model([inputs]).values()).backward()
+        return {name_map[n]: to_official_layout(name_map[n], p.grad) for n, p in model.named_parameters()
+                if p.grad is not None and n in name_map}
+
+    def rel(ours, k):
+        out = {}
+        for off, g in ours.items():
+            t = dump["steps"][k]["grads"][off].double()
+            if float(t.norm()) > 0:
+                out[off] = float((g.double() - t).norm()) / float(t.norm())
+        return out
+
+    res = {"own": [], "their_weights_float32": [], "their_weights_float64": []}
+    cfg, model, name_map = build_our_model(fixture_path, extra_overrides)
+    optimizer = build_optimizer(cfg, model)
+    for k, i in enumerate(STEP_IMAGES):
+        res["own"].append(rel(grads_of(model, name_map, i, torch.float32), k))
+        optimizer.step()
+    for dtype in (torch.float32, torch.float64):
+        for k, i in enumerate(STEP_IMAGES):
+            _, model, name_map = build_our_model(fixture_path, extra_overrides)
+            model.to(dtype)
+            if k > 0:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in name_map:  # to_official_layout is its own inverse
+                            p.add_(to_official_layout(name_map[n], dump["steps"][k - 1]["update"][name_map[n]]).to(dtype))
+            res["their_weights_%s" % str(dtype).split(".")[-1]].append(rel(grads_of(model, name_map, i, dtype), k))
+    return res
 
 
 def optimizer_steps(fixture_path, extra_overrides=(), grad_noise=0.0, seed=0, dtype=None, weight_noise=0.0):
@@ -898,14 +953,26 @@ def our_stage(args):
     n_o64 = sum(1 for e in ew.values() if e["ours_f64"] > 1e-3)
     out.append("- against a float64 run of this project's model: %d tensors of theirs and %d of ours (float32) "
                "differ by more than 1e-3" % (n_t64, n_o64))
+    if "step_grads" in res:
+        out.append("\n### Each step's gradient (before clipping) against theirs\n")
+        out.append("| step | image | ours, own weights: worst / tensors > 1e-3 | ours on THEIR weights, float32 | float64 |")
+        out.append("| ---: | ---: | --- | --- | --- |")
+        for k, i in enumerate(STEP_IMAGES):
+            cells = []
+            for key in ("own", "their_weights_float32", "their_weights_float64"):
+                d = res["step_grads"][key][k]
+                worst = max(d, key=d.get)
+                cells.append("%.2e (%s) / %d" % (d[worst], worst, sum(v > 1e-3 for v in d.values())))
+            out.append("| %d | %d | %s |" % (k, i, " | ".join(cells)))
     out.append("\n| tensor (above 1e-3 over all elements) | their norm | rel. diff | noise-amplified elements | "
-               "rel. diff without them | theirs vs float64 | ours vs float64 |")
-    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+               "rel. diff without them | theirs vs float64 | ours vs float64 | elements > lr/10 from theirs | theirs > lr/10 from float64 |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for x in bad_u:
         e = ew.get(x[0], {})
-        out.append("| %s | %.3e | %.2e | %s/%s | %s | %s | %s |" % (
+        out.append("| %s | %.3e | %.2e | %s/%s | %s | %s | %s | %s | %s |" % (
             x[0], x[1], x[4] if x[4] is not None else x[3], e.get("noisy", "?"), e.get("n", "?"),
-            _fmt(e.get("rel_kept"), "%.2e"), _fmt(e.get("theirs_f64"), "%.2e"), _fmt(e.get("ours_f64"), "%.2e")))
+            _fmt(e.get("rel_kept"), "%.2e"), _fmt(e.get("theirs_f64"), "%.2e"), _fmt(e.get("ours_f64"), "%.2e"),
+            e.get("tenth", "?"), e.get("tenth_f64", "?")))
     text = "\n".join(out)
     print(text)
     if getattr(args, "table", ""):
