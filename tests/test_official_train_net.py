@@ -138,3 +138,14 @@ def test_official_losses_of_a_batch_are_the_per_image_sums_with_batch_ratios():
         expected = sum(alone[i][name] * n[i] / r[i] for i in range(2)) * r_batch / sum(n)
         # float32 sums over other groupings (the batch's vs each image's): 1e-5 relative
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-7), (name, value, expected)
+
+
+def test_unreachable_weights_url_is_a_clear_error(tmp_path):
+    """MODEL.WEIGHTS at a URL that cannot be fetched (no network here; .invalid never resolves) names the key."""
+    from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
+
+    cfg = setup_cfg(R50_2X, TINY)
+    model = build_model(cfg)
+    url = "https://weights.invalid/R-50.pkl"
+    with pytest.raises(OSError, match=r"MODEL.WEIGHTS https://weights.invalid/R-50.pkl: cannot be downloaded"):
+        PanopticSegFormerCheckpointer(model, str(tmp_path)).load(url)
