@@ -136,8 +136,10 @@ def test_three_optimizer_steps(run):
                 continue
             if s_ == 0:
                 assert est <= GRAD_RTOL, (s_, name, est)
+            elif not name.startswith(DIVERGED_PREFIXES):  # measured worst 8.7e-4 (level_embeds, step 1)
+                assert est <= GRAD_RTOL * SKETCH_HI, (s_, name, est)
             elif est > GRAD_RTOL:
-                assert name.startswith(DIVERGED_PREFIXES) and est <= STEP_GRAD_DIVERGED_MAX, (s_, name, est)
+                assert est <= STEP_GRAD_DIVERGED_MAX, (s_, name, est)
                 diverged.setdefault(name, []).append((s_, est))
     rows = sketch_rel_diff(fixture, "update_", "update_names", run["updates"], run["name_map"])
     checked, above, report = 0, [], []
