@@ -40,14 +40,18 @@ project's venv::
 4. From the initial weights again: 3 iterations (images 0, 1, 0) of their optimizer step: mmcv's
    ``build_optimizer`` (AdamW, lr 1.4e-4, weight decay 1e-4, ``paramwise_cfg`` lr_mult 0.1 for
    ``backbone`` / ``sampling_offsets`` / ``reference_points``) and ``OptimizerHook.clip_grads`` (L2,
-   max-norm 0.1); dumps each iteration's losses and gradient norm, and each tensor's total update.
+   max-norm 0.1); dumps each iteration's losses, gradient norm, gradients (before clipping), matchings and
+   update so far, and each tensor's total update.
 
 Everything goes to ``--work-dir/official_train_dump.pth``; ``--fixture`` writes the subset a test needs
-(:func:`write_fixture`). ``--stage ours`` (this project's venv, :func:`our_stage`) converts the fixture's
-weights with ``projects/convert/convert_official.py`` at the reduced width (:func:`our_overrides`), runs
-this project's official model on their inputs and targets, checks the location decoder's matchings and
-prints the loss table theirs -> ours. So far only the location-decoder terms have counterparts (the
-official mask decoder does not train yet; docs/OFFICIAL_TRAINING_SPEC.md lists what differs).
+(:func:`write_fixture`). ``--stage ours`` (this project's venv, :func:`our_stage`) converts the fixture's weights with
+``projects/convert/convert_official.py`` at the reduced width (:func:`our_overrides`), runs this project's
+official model on their inputs and targets and prints the tables theirs -> ours: matchings, every loss term,
+per-tensor gradients, the 3 steps (losses, gradient norms, each step's gradients along our own steps and
+given THEIR weights before the step, float32 and float64: :func:`step_gradients`), and the total updates
+per tensor (with elements more than lr/10 apart and a float64 reference). The dump also holds each step's
+gradients (before clipping) and weights, which a by-hand probe of one layer's activations needs: that is
+how the step-1 ReLU of docs/BENCHMARKS.md ("Official training step vs the authors' code") was found.
 """
 import argparse
 import json
