@@ -76,6 +76,17 @@ class PanopticSegFormerCheckpointer(DetectionCheckpointer):
         skip = cfg.MODEL.PANOPTIC_SEGFORMER.SKIP_MISMATCHED_CLASS_HEADS
         return cls(model, save_dir, skip_mismatched_class_heads=skip, **kwargs)
 
+    def load(self, path, *args, **kwargs):
+        try:
+            return super().load(path, *args, **kwargs)
+        except OSError as e:  # urllib's URLError and socket errors of a download
+            if "://" not in str(path) or str(path).startswith("file://"):
+                raise
+            raise OSError(
+                f"MODEL.WEIGHTS {path}: cannot be downloaded ({type(e).__name__}: {e}). Download it on a "
+                f"machine with internet access and pass MODEL.WEIGHTS /path/to/the/file, or MODEL.WEIGHTS "
+                f"\"\" to start from random initialisation.") from e
+
     def _load_file(self, filename):
         try:
             return super()._load_file(filename)

@@ -110,7 +110,10 @@ def test_same_global_batch_gives_same_first_losses_on_one_and_two_processes(work
 
 VARIANTS = ["panoptic_segformer_R50_box_free", "panoptic_segformer_R50_joint_matching",
             "panoptic_segformer_R50_no_deep_supervision", "panoptic_segformer_R50_locdec0",
-            "panoptic_segformer_pvtv2_b0_24ep"]
+            "panoptic_segformer_pvtv2_b0_24ep",
+            # the official (released) architecture and objective; 2 images per process: the padded batch
+            # with thing_query_valid and the things/stuff ratios all-reduced over the processes
+            "official/official_r50_2x"]
 
 
 def _tiny_variant_cfg(name, output_dir):
@@ -133,6 +136,8 @@ def _tiny_variant_cfg(name, output_dir):
         "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "64", "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "1",
         "MODEL.PANOPTIC_SEGFORMER.LOCATION_DECODER_LAYERS", str(min(psf.LOCATION_DECODER_LAYERS, 2)),
         "MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_LAYERS", str(min(psf.MASK_DECODER_LAYERS, 2)),
+        "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_DECODER_LAYERS", str(min(psf.STUFF_MASK_DECODER_LAYERS, 2)),
+        "SOLVER.IMS_PER_BATCH", "4" if name.startswith("official/") else "2",
         "MODEL.PANOPTIC_SEGFORMER.NUM_THING_QUERIES", "20", "MODEL.PANOPTIC_SEGFORMER.QUERY_FILTER.NUM_QUERIES", "15",
         "INPUT.CROP.ENABLED", "False", "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
         "SOLVER.CHECKPOINT_PERIOD", "100000", "OUTPUT_DIR", output_dir,
@@ -158,7 +163,8 @@ def _train_variants(names, output_dir):
         psf = cfg.MODEL.PANOPTIC_SEGFORMER
         done[name] = {"iter": trainer.iter, "box_free": psf.BOX_FREE, "decoupling": psf.QUERY_DECOUPLING,
                       "deep_supervision": psf.DEEP_SUPERVISION, "loc_layers": psf.LOCATION_DECODER_LAYERS,
-                      "backbone": cfg.MODEL.BACKBONE.NAME}
+                      "backbone": cfg.MODEL.BACKBONE.NAME, "criterion": type(trainer.model.module.criterion).__name__,
+                      "images_per_process": cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()}
     return done
 
 
@@ -172,6 +178,8 @@ def test_every_paper_variant_trains_two_iterations_under_ddp(workers, tmp_path):
     assert not rank0["panoptic_segformer_R50_no_deep_supervision"]["deep_supervision"]
     assert rank0["panoptic_segformer_R50_locdec0"]["loc_layers"] == 0
     assert rank0["panoptic_segformer_pvtv2_b0_24ep"]["backbone"] == "build_timm_backbone"
+    official = rank0["official/official_r50_2x"]
+    assert official["criterion"] == "OfficialCriterion" and official["images_per_process"] == 2
 
 
 # ---------------------------------------------------------------------------------------------

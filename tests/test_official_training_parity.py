@@ -1,8 +1,9 @@
 """The official training step (issue 25), frozen: this project's official mode (CRITERION "official",
 configs/coco/official/) against the authors' code, run once on the CPU (projects/parity/official_train_parity.py
 --stage official) at reduced width on the 2 COCO sample images; tests/data/official_train_step.npz holds
-their weights, inputs, targets, loss terms, matchings, per-tensor gradient norms + 16 random projections,
-per-step losses and per-tensor update norms + projections. One thread, dropout off."""
+their weights, inputs, targets, loss terms, matchings, per-tensor gradient norms + 64 random projections
+(per image, and per optimizer step before clipping), per-step losses and per-tensor update norms +
+projections. One thread, dropout off."""
 import numpy as np
 import pytest
 import torch
@@ -13,17 +14,26 @@ from official_train_helpers import (FIXTURE, STEP_IMAGES, build_our_model, fixtu
 # Tolerances and their reasons.
 LOSS_RTOL = 1e-4  # the issue's; float32 sums in another order (measured worst 3.7e-6)
 GRAD_RTOL = 1e-3  # the issue's, on |ours - theirs| / |theirs| per tensor (measured worst 1.7e-4 exact); the
-#                   16-projection estimate of the fixture is within x0.5..x1.6 of the true value at 99.9%
+#                   64-projection estimate of the fixture is within x0.72..x1.27 of the true value at 99.9%
 STEP_RTOL = 1e-4  # per-step total loss and gradient norm (measured worst 3.3e-6)
 UPDATE_RTOL = 1e-3  # the issue's, on each tensor's total update after 3 steps
-# Not met by every tensor (see the report of official_train_parity --stage ours): the updates of 43 of 647
-# tensors differ by 1e-3..1.5e-2 (backbone res3/res4/res5 convolutions, encoder sampling_offsets and one FFN,
-# one neck conv). Part is AdamW turning noise-level gradients into +-lr steps; the rest is the authors'
-# float32 run itself: a float64 run of this project's model is within 7e-4 of our float32 updates there,
-# theirs 1e-3..1.5e-2 away. Bounded here so that a regression shows.
-UPDATE_ILL_CONDITIONED_MAX = 3e-2
-UPDATE_ILL_CONDITIONED_COUNT = 50
-ILL_CONDITIONED_PREFIXES = ("backbone.", "bbox_head.transformer.encoder.", "neck.")
+# The 3-step updates: at step 0 both sides have the same weights and every gradient agrees within GRAD_RTOL.
+# At step 1 one ReLU decides differently: the output of res4 block 2 (official layer3.2) at channel 19, row 0,
+# column 9 is 0 in theirs and 2.2e-8 in ours (float32; 3.1e-8 in float64), i.e. its pre-activation is within
+# float32 rounding of 0; its gradient (5.0e-3) passes our ReLU only, so the gradients of res4 blocks 0-2 and
+# res3 differ by up to 1.1e-2 -- also when our model is given their weights after step 0, float32 and
+# float64 alike (docs/BENCHMARKS.md). From then on the weights differ and the later gradients of backbone,
+# neck and encoder follow (sampling_offsets near bilinear kinks too); given their weights after step 1, our
+# step-2 gradient agrees with theirs within 1.2e-4. So: step gradients above GRAD_RTOL only in backbone, neck
+# and encoder tensors, each within STEP_GRAD_DIVERGED_MAX (measured worst 1.1e-2; x1.27 sketch factor and
+# margin); the updates of the other tensors (location decoder, mask decoders, queries, branches) within
+# UPDATE_RTOL, those of backbone, neck and encoder reported per tensor and within UPDATE_DIVERGED_MAX
+# (measured worst 1.5e-2). Sketch estimates overestimate by up to x1.27 at 99.9% (64 projections), hence
+# SKETCH_HI on the estimated update differences.
+STEP_GRAD_DIVERGED_MAX = 3e-2
+UPDATE_DIVERGED_MAX = 3e-2
+SKETCH_HI = 1.27
+DIVERGED_PREFIXES = ("backbone.", "neck.", "bbox_head.transformer.encoder.")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +62,9 @@ def run():
         total = sum(losses.values())
         total.backward()
         norm = float(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm())
-        optimizer.step()
-        steps.append((float(total), norm))
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()  # clips the gradients in place: the copies above are before clipping, as theirs
+        steps.append((float(total), norm, grads))
     updates = {n: p.detach() - init[n] for n, p in model.named_parameters()}
     lrs = {n: lr[id(p)] for n, p in model.named_parameters() if id(p) in lr}
     return dict(fixture=fixture, name_map=name_map, images=images, steps=steps, updates=updates, lr=lrs)
@@ -105,7 +116,7 @@ def test_gradients(run):
 
 def test_three_optimizer_steps(run):
     fixture = run["fixture"]
-    for s, (total, norm) in enumerate(run["steps"]):
+    for s, (total, norm, _) in enumerate(run["steps"]):
         assert total == pytest.approx(float(fixture["step%d/total" % s]), rel=STEP_RTOL)
         assert norm == pytest.approx(float(fixture["step%d/grad_norm" % s]), rel=STEP_RTOL)
     inv = {off: o for o, off in run["name_map"].items()}
@@ -115,15 +126,38 @@ def test_three_optimizer_steps(run):
             lr, wd = run["lr"][inv[off]]
             assert lr == pytest.approx(float(fixture["update_lr"][k]), rel=1e-12), off
             assert wd == pytest.approx(float(fixture["update_weight_decay"][k]), rel=1e-12), off
+    # Each step's gradient (before clipping) against theirs: equal weights at step 0, so every tensor within
+    # GRAD_RTOL there; later steps start from weights that moved with the earlier steps' gradients.
+    diverged = {}
+    for s_, (_, _, grads) in enumerate(run["steps"]):
+        for name, norm, ours_norm, est in sketch_rel_diff(fixture, "step%d/grad_" % s_, "step%d/grad_names" % s_,
+                                                          grads, run["name_map"]):
+            if ours_norm is None or norm == 0:
+                continue
+            if s_ == 0:
+                assert est <= GRAD_RTOL, (s_, name, est)
+            elif not name.startswith(DIVERGED_PREFIXES):  # measured worst 8.7e-4 (level_embeds, step 1)
+                assert est <= GRAD_RTOL * SKETCH_HI, (s_, name, est)
+            elif est > GRAD_RTOL:
+                assert est <= STEP_GRAD_DIVERGED_MAX, (s_, name, est)
+                diverged.setdefault(name, []).append((s_, est))
     rows = sketch_rel_diff(fixture, "update_", "update_names", run["updates"], run["name_map"])
-    above = []
+    checked, above, report = 0, [], []
     for name, norm, ours_norm, est in rows:
         if ours_norm is None:  # reg_branches2 (dropped) and the frozen BatchNorms (buffers in our FrozenBN)
             frozen_bn = name.startswith("backbone.") and (".bn" in name or ".downsample.1." in name)
             assert (name.startswith("bbox_head.reg_branches2.") or frozen_bn) and norm == 0, name
         elif norm == 0:
             assert ours_norm == 0, name
-        elif est > UPDATE_RTOL:
-            above.append((name, est))
-    assert all(n.startswith(ILL_CONDITIONED_PREFIXES) and e <= UPDATE_ILL_CONDITIONED_MAX for n, e in above), above
-    assert len(above) <= UPDATE_ILL_CONDITIONED_COUNT, above
+        elif name.startswith(DIVERGED_PREFIXES):
+            assert est <= UPDATE_DIVERGED_MAX, (name, est)
+            if est > UPDATE_RTOL:
+                report.append("%s: update %.1e, step gradients %s" % (name, est, ", ".join(
+                    "%d: %.1e" % d for d in diverged.get(name, [])) or "within %.0e" % GRAD_RTOL))
+        else:
+            checked += 1
+            if est > UPDATE_RTOL * SKETCH_HI:
+                above.append((name, est))
+    print("\n3-step updates: %d head tensors within %.0e; %d backbone/neck/encoder tensors above it (reported):\n  %s"
+          % (checked, UPDATE_RTOL, len(report), "\n  ".join(report)))
+    assert not above, above
