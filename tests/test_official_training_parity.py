@@ -1,46 +1,40 @@
-"""The official training step (issue 25), frozen: this project's official mode (CRITERION "official",
+"""The official training step, frozen: this project's official mode (CRITERION "official",
 configs/coco/official/) against the authors' code, run once on the CPU (projects/parity/official_train_parity.py
---stage official) at reduced width on the 2 COCO sample images; tests/data/official_train_step.npz holds
-their weights, inputs, targets, loss terms, matchings, per-tensor gradient norms + 64 random projections
-(per image, and per optimizer step before clipping), per-step losses and per-tensor update norms +
-projections. One thread, dropout off."""
+--stage official, its default seed) at reduced width on the 2 COCO sample images. tests/data/official_train_step.npz
+holds their weights, inputs, targets, loss terms, matchings, per-tensor gradient norms + 64 random
+projections (per image, and per optimizer step before clipping), per-step losses and gradient norms, and
+every tensor's total update after the 3 AdamW steps in full. One thread, dropout off."""
 import numpy as np
 import pytest
 import torch
 
-from official_train_helpers import (FIXTURE, STEP_IMAGES, build_our_model, fixture_inputs, loss_name_map,
-                                    sketch_rel_diff)
+from projects.parity.official_train_parity import (AMPLIFIED_STEP, GRAD_RTOL, REPO_ROOT, STEP_IMAGES, UPDATE_RTOL,
+                                                   build_our_model, compare_tensors, fixture_inputs,
+                                                   float_noise_gradients, loss_name_map, to_official_layout,
+                                                   update_verdict)
 
-# Tolerances and their reasons.
-LOSS_RTOL = 1e-4  # the issue's; float32 sums in another order (measured worst 3.7e-6)
-GRAD_RTOL = 1e-3  # the issue's, on |ours - theirs| / |theirs| per tensor (measured worst 1.7e-4 exact); the
-#                   64-projection estimate of the fixture is within x0.72..x1.27 of the true value at 99.9%
-STEP_RTOL = 1e-4  # per-step total loss and gradient norm (measured worst 3.3e-6)
-UPDATE_RTOL = 1e-3  # the issue's, on each tensor's total update after 3 steps
-# The 3-step updates: at step 0 both sides have the same weights and every gradient agrees within GRAD_RTOL.
-# At step 1 one ReLU decides differently: the output of res4 block 2 (official layer3.2) at channel 19, row 0,
-# column 9 is 0 in theirs and 2.2e-8 in ours (float32; 3.1e-8 in float64), i.e. its pre-activation is within
-# float32 rounding of 0; its gradient (5.0e-3) passes our ReLU only, so the gradients of res4 blocks 0-2 and
-# res3 differ by up to 1.1e-2 -- also when our model is given their weights after step 0, float32 and
-# float64 alike (docs/BENCHMARKS.md). From then on the weights differ and the later gradients of backbone,
-# neck and encoder follow (sampling_offsets near bilinear kinks too); given their weights after step 1, our
-# step-2 gradient agrees with theirs within 1.2e-4. So: step gradients above GRAD_RTOL only in backbone, neck
-# and encoder tensors, each within STEP_GRAD_DIVERGED_MAX (measured worst 1.1e-2; x1.27 sketch factor and
-# margin); the updates of the other tensors (location decoder, mask decoders, queries, branches) within
-# UPDATE_RTOL, those of backbone, neck and encoder reported per tensor and within UPDATE_DIVERGED_MAX
-# (measured worst 1.5e-2). Sketch estimates overestimate by up to x1.27 at 99.9% (64 projections), hence
-# SKETCH_HI on the estimated update differences.
-STEP_GRAD_DIVERGED_MAX = 3e-2
-UPDATE_DIVERGED_MAX = 3e-2
+FIXTURE = REPO_ROOT + "/tests/data/official_train_step.npz"
+
+# Tolerances and their reasons (the rules themselves -- GRAD_RTOL, UPDATE_RTOL, FLOAT_NOISE, AMPLIFIED_STEP,
+# NOISE_STEP -- are the comparison script's, documented there; measured values: docs/BENCHMARKS.md).
+LOSS_RTOL = 1e-4  # float32 sums in another order (measured worst 5.3e-7)
+# Gradients within GRAD_RTOL (measured worst exact 9.4e-4). The fixture holds 64 random projections of each
+# gradient, not the gradient: their estimate of the difference is within x0.72..x1.27 of the true one at 99.9%
+# (Johnson-Lindenstrauss), hence SKETCH_HI on estimates. Float noise: the key bias of stuff mask-decoder block
+# 4 on image 0 (3.7e-9 of a whole gradient norm of 16.9), compared in absolute terms.
 SKETCH_HI = 1.27
-DIVERGED_PREFIXES = ("backbone.", "neck.", "bbox_head.transformer.encoder.")
+STEP_RTOL = 1e-4  # per-step total loss and gradient norm (measured worst 2.1e-6)
+# Updates, stored in full: 2 tensors beyond UPDATE_RTOL, both within the rules: decoder layer 5
+# output_proj.weight (1 element 0.13 lr apart, where their float32 update is 1.7e-3 from a float64 run and ours
+# 3.3e-5; the rest 2.8e-5) and the float-noise key bias above (worst element 3.6e-3 lr).
+MAX_AMPLIFIED = 8  # elements more than AMPLIFIED_STEP lr apart, of 646668 (measured 1)
 
 
 @pytest.fixture(scope="module")
 def run():
     torch.set_num_threads(1)
     fixture = np.load(FIXTURE)
-    cfg, model, name_map = build_our_model(fixture)
+    cfg, model, name_map = build_our_model(FIXTURE)
     images = []
     for i in range(2):
         model.zero_grad(set_to_none=True)
@@ -68,6 +62,24 @@ def run():
     updates = {n: p.detach() - init[n] for n, p in model.named_parameters()}
     lrs = {n: lr[id(p)] for n, p in model.named_parameters() if id(p) in lr}
     return dict(fixture=fixture, name_map=name_map, images=images, steps=steps, updates=updates, lr=lrs)
+
+
+def _check_gradients(fixture, prefix, grads, name_map, rtol, label):
+    """Compares one forward's gradients with theirs; returns the official names of the tensors whose gradient
+    is float noise in theirs (compared in absolute terms)."""
+    noise, bound = float_noise_gradients(fixture, prefix)
+    for name, norm, ours_norm, est, _, ours_name in compare_tensors(
+            fixture, prefix + "grad_", prefix + "grad_names", grads, name_map):
+        if ours_norm is None:  # only reg_branches2 (dropped by the converter): zero gradient in theirs
+            assert name.startswith("bbox_head.reg_branches2.") and norm == 0, (label, name)
+        elif norm == 0:
+            assert ours_norm == 0, (label, name)  # zero where theirs is zero
+        elif name in noise:
+            assert ours_norm <= bound, (label, name, ours_norm, bound)
+        else:
+            assert abs(ours_norm - norm) <= GRAD_RTOL * norm, (label, name, ours_norm, norm)
+            assert est <= rtol, (label, name, est)
+    return noise
 
 
 def test_matchings_and_loss_terms(run):
@@ -99,17 +111,9 @@ def test_matchings_and_loss_terms(run):
 
 
 def test_gradients(run):
-    fixture = run["fixture"]
     for i, r in enumerate(run["images"]):
-        rows = sketch_rel_diff(fixture, "img%d/grad_" % i, "img%d/grad_names" % i, r["grads"], run["name_map"])
-        for name, norm, ours_norm, est in rows:
-            if ours_norm is None:  # only reg_branches2 (dropped by the converter): zero gradient in theirs
-                assert name.startswith("bbox_head.reg_branches2.") and norm == 0, name
-            elif norm == 0:
-                assert ours_norm == 0, name  # zero where theirs is zero
-            else:
-                assert abs(ours_norm - norm) <= GRAD_RTOL * norm, (i, name, ours_norm, norm)
-                assert est <= GRAD_RTOL, (i, name, est)
+        _check_gradients(run["fixture"], "img%d/" % i, r["grads"], run["name_map"], GRAD_RTOL * SKETCH_HI,
+                         "image %d" % i)
         # Every gradient of ours has an official counterpart (no extra trainable tensor).
         assert set(r["grads"]) <= set(run["name_map"])
 
@@ -126,38 +130,34 @@ def test_three_optimizer_steps(run):
             lr, wd = run["lr"][inv[off]]
             assert lr == pytest.approx(float(fixture["update_lr"][k]), rel=1e-12), off
             assert wd == pytest.approx(float(fixture["update_weight_decay"][k]), rel=1e-12), off
-    # Each step's gradient (before clipping) against theirs: equal weights at step 0, so every tensor within
-    # GRAD_RTOL there; later steps start from weights that moved with the earlier steps' gradients.
-    diverged = {}
-    for s_, (_, _, grads) in enumerate(run["steps"]):
-        for name, norm, ours_norm, est in sketch_rel_diff(fixture, "step%d/grad_" % s_, "step%d/grad_names" % s_,
-                                                          grads, run["name_map"]):
-            if ours_norm is None or norm == 0:
-                continue
-            if s_ == 0:
-                assert est <= GRAD_RTOL, (s_, name, est)
-            elif not name.startswith(DIVERGED_PREFIXES):  # measured worst 8.7e-4 (level_embeds, step 1)
-                assert est <= GRAD_RTOL * SKETCH_HI, (s_, name, est)
-            elif est > GRAD_RTOL:
-                assert est <= STEP_GRAD_DIVERGED_MAX, (s_, name, est)
-                diverged.setdefault(name, []).append((s_, est))
-    rows = sketch_rel_diff(fixture, "update_", "update_names", run["updates"], run["name_map"])
-    checked, above, report = 0, [], []
-    for name, norm, ours_norm, est in rows:
-        if ours_norm is None:  # reg_branches2 (dropped) and the frozen BatchNorms (buffers in our FrozenBN)
+    # Each step's gradient (before clipping): the same weights at step 0; later steps start from weights that
+    # moved by updates within UPDATE_RTOL of theirs.
+    noise_step = set()
+    for s, (_, _, grads) in enumerate(run["steps"]):
+        noise_step |= _check_gradients(fixture, "step%d/" % s, grads, run["name_map"], GRAD_RTOL * SKETCH_HI,
+                                       "step %d" % s)
+    # Every tensor's total update after the 3 steps, element by element.
+    checked, amplified, report = 0, 0, []
+    for name in names:
+        theirs = torch.from_numpy(fixture["update/" + name]).double()
+        ours_name = inv.get(name)
+        if ours_name not in run["updates"]:  # reg_branches2 (dropped) and the frozen BatchNorms (our buffers)
             frozen_bn = name.startswith("backbone.") and (".bn" in name or ".downsample.1." in name)
-            assert (name.startswith("bbox_head.reg_branches2.") or frozen_bn) and norm == 0, name
-        elif norm == 0:
-            assert ours_norm == 0, name
-        elif name.startswith(DIVERGED_PREFIXES):
-            assert est <= UPDATE_DIVERGED_MAX, (name, est)
-            if est > UPDATE_RTOL:
-                report.append("%s: update %.1e, step gradients %s" % (name, est, ", ".join(
-                    "%d: %.1e" % d for d in diverged.get(name, [])) or "within %.0e" % GRAD_RTOL))
-        else:
-            checked += 1
-            if est > UPDATE_RTOL * SKETCH_HI:
-                above.append((name, est))
-    print("\n3-step updates: %d head tensors within %.0e; %d backbone/neck/encoder tensors above it (reported):\n  %s"
-          % (checked, UPDATE_RTOL, len(report), "\n  ".join(report)))
-    assert not above, above
+            assert (name.startswith("bbox_head.reg_branches2.") or frozen_bn) and not theirs.any(), name
+            continue
+        ours = to_official_layout(name, run["updates"][ours_name])
+        if not theirs.any():
+            assert not ours.any(), name  # zero where theirs is zero
+            continue
+        checked += 1
+        v = update_verdict(theirs, ours, run["lr"][ours_name][0], name in noise_step)
+        assert v["ok"], (name, v)
+        amplified += v["amplified"]
+        if v["rel"] > UPDATE_RTOL:
+            report.append("%s: %.2e; %d of %d elements > %.1f lr from theirs, the rest %.1e, worst element %.1e lr%s"
+                          % (name, v["rel"], v["amplified"], theirs.numel(), AMPLIFIED_STEP, v["rest"], v["worst_lr"],
+                             " (gradient float noise at a step)" if name in noise_step else ""))
+    print("\n3-step updates: %d tensors, %d beyond %.0e relative:\n  %s"
+          % (checked, len(report), UPDATE_RTOL, "\n  ".join(report)))
+    assert checked > 500
+    assert amplified <= MAX_AMPLIFIED, amplified

@@ -476,8 +476,8 @@ def write_fixture(dump_path, out_path):
     """The subset of the dump a test compares against (npz): their weights (float32), the 2 inputs and
     targets, every loss term, every matching, and per tensor (official name) the L2 norm and
     :data:`SKETCH_K` Gaussian projections (:func:`sketch`) of its gradient (per image) and of its total
-    update after the 3 steps, each step's losses and gradient norm. Full gradients and updates stay in
-    the dump (a few MB more than the fixture should hold)."""
+    update after the 3 steps, each step's losses and gradient norm; the total updates also in full.
+    Full gradients stay in the dump (a few MB more than the fixture should hold)."""
     import torch
 
     d = torch.load(dump_path)
@@ -522,6 +522,8 @@ def write_fixture(dump_path, out_path):
     out["update_names"] = np.array(unames)
     out["update_norms"] = np.array([float(d["updates"][n].double().norm()) for n in unames])
     out["update_sketch"] = np.stack([sketch(n, d["updates"][n].numpy()) for n in unames]).astype(np.float32)
+    for n in unames:  # in full (float32, ~2.6 MB at reduced width): AdamW turns float noise in near-zero
+        out["update/" + n] = d["updates"][n].numpy()  # gradients into +-lr steps, counted per element
     out["update_lr"] = np.array([d["lr"][n] for n in unames])
     out["update_weight_decay"] = np.array([d["weight_decay"][n] for n in unames])
     np.savez_compressed(out_path, **out)
@@ -677,6 +679,11 @@ def run_ours(fixture_path, dump_path=None, extra_overrides=()):
     dump = None
     if dump_path and os.path.isfile(dump_path):
         dump = torch.load(dump_path, weights_only=False)
+        seeds = (json.loads(str(fixture["meta"])).get("seed"), dump["meta"].get("seed"))
+        if seeds[0] != seeds[1]:
+            raise SystemExit("%s was written with --seed %s but the fixture %s with --seed %s: pass the fixture "
+                             "written from this dump (--fixture) or another --work-dir"
+                             % (dump_path, seeds[1], fixture_path, seeds[0]))
     cfg, model, name_map = build_our_model(fixture_path, extra_overrides)
     res = dict(images=[], steps=[], name_map=name_map)
     for i in range(2):
@@ -707,6 +714,8 @@ def run_ours(fixture_path, dump_path=None, extra_overrides=()):
     # Float64 reference of this project's model: how far each float32 run (theirs, ours) is from it.
     _, exact, _ = optimizer_steps(fixture_path, extra_overrides, dtype=torch.float64)
     res["elementwise"] = {}
+    res["noise_steps"] = noise_steps = set().union(*(float_noise_gradients(fixture, "step%d/" % k)[0] for k in range(len(STEP_IMAGES))
+                                if "step%d/grad_norms" % k in fixture.files))
     if dump is not None:
         for off, ut in dump["updates"].items():
             o = {v: k for k, v in name_map.items()}.get(off)
@@ -723,13 +732,61 @@ def run_ours(fixture_path, dump_path=None, extra_overrides=()):
                 rel=float((uo - ut).norm()) / max(float(ut.norm()), 1e-30),
                 theirs_f64=float((ut - to_official_layout(off, exact[o])).norm()) / max(float(ut.norm()), 1e-30),
                 ours_f64=float((uo - to_official_layout(off, exact[o])).norm()) / max(float(ut.norm()), 1e-30),
-                rel_kept=float(((uo - ut) * keep).norm()) / n_keep if n_keep > 0 else float((uo - ut).norm()))
+                rel_kept=float(((uo - ut) * keep).norm()) / n_keep if n_keep > 0 else float((uo - ut).norm()),
+                verdict=update_verdict(ut, uo, res["lr"][o][0], off in noise_steps))
     if dump is not None and "grads" in dump["steps"][0]:
         res["step_grads"] = step_gradients(fixture_path, dump, extra_overrides)
     return res, fixture, model
 
 
 NOISE_STEP_FRACTION = 0.01
+
+# The tolerance rules of the comparison (shared with tests/test_official_training_parity.py).
+GRAD_RTOL = 1e-3  # per tensor, |ours - theirs| / |theirs| in L2 norm
+UPDATE_RTOL = 1e-3  # per tensor, on the total update after the 3 steps
+# A gradient that cancels to zero in exact arithmetic comes out of float32 as rounding noise, which two codes need
+# not share: such a gradient (theirs at most FLOAT_NOISE times the forward's whole gradient norm; float32
+# epsilon 1.2e-7) is compared in absolute terms, ours within the same bound.
+FLOAT_NOISE = 1e-7
+# AdamW divides each element's step by sqrt(v): where an element's gradients are near zero its step is up to
+# +-lr whatever their size, so float noise there moves the element by a sizable part of lr. Update elements
+# that differ from theirs by more than AMPLIFIED_STEP * lr are counted and reported; the rest of their tensor
+# must be within UPDATE_RTOL.
+AMPLIFIED_STEP = 0.1
+# A tensor whose gradient was float noise at some step took an Adam step there that the noise decided
+# (g / (|g| + eps)): each of its elements within NOISE_STEP * lr of theirs.
+NOISE_STEP = 1e-2
+
+
+def float_noise_gradients(fixture, prefix):
+    """(official names whose gradient in the fixture's forward ``prefix`` (``img0/``, ``step1/``...) is
+    non-zero float noise, the absolute bound): see :data:`FLOAT_NOISE`."""
+    norms = fixture[prefix + "grad_norms"].astype(np.float64)
+    bound = FLOAT_NOISE * float(np.sqrt(np.sum(norms ** 2)))
+    return {str(n) for n, v in zip(fixture[prefix + "grad_names"], norms) if 0 < v <= bound}, bound
+
+
+def update_verdict(theirs, ours, lr, noise_gradient):
+    """One tensor's total update, ours against theirs (float64 tensors in the official layout): a dict with
+    ``rel`` (relative L2 difference over all elements), ``amplified`` (elements more than AMPLIFIED_STEP lr
+    apart), ``rest`` (relative difference without them), ``worst_lr`` (largest element difference / lr) and
+    ``ok`` under the rules above; ``noise_gradient``: the tensor's gradient was float noise at some step."""
+    diff = (ours - theirs).abs()
+    norm = float(theirs.norm())
+    rel = float(diff.norm()) / norm if norm > 0 else float(diff.norm())
+    big = diff > AMPLIFIED_STEP * lr
+    kept = float((theirs * ~big).norm())
+    rest = float((diff * ~big).norm()) / kept if kept > 0 else 0.0
+    worst = float(diff.max()) / lr if diff.numel() else 0.0
+    if norm == 0:
+        ok = not ours.any()
+    elif rel <= UPDATE_RTOL:
+        ok = True
+    elif noise_gradient:
+        ok = worst <= NOISE_STEP
+    else:
+        ok = rest <= UPDATE_RTOL
+    return dict(rel=rel, amplified=int(big.sum()), rest=rest, worst_lr=worst, ok=ok)
 
 
 def step_gradients(fixture_path, dump, extra_overrides=()):
@@ -889,17 +946,25 @@ def our_stage(args):
         out.append("| %d | **total** | %.6f | **total** | %.6f | %.1e |" % (i, t_total, r["total"], _rel(r["total"], t_total)))
     # Gradients.
     out.append("\n## Gradients per parameter tensor (tolerance 1e-3 relative in L2 norm)\n")
-    summary = []
+    summary, n_bad_grad = [], 0
     for i, r in enumerate(res["images"]):
         rows = r["grads"]
         worst_est = max((x[3] for x in rows if x[3] is not None and x[1] > 0), default=0.0)
         worst_exact = max((x[4] for x in rows if x[4] is not None and x[1] > 0), default=0.0)
-        bad = [x for x in rows if x[1] > 0 and ((x[4] if x[4] is not None else x[3]) or 0) > 1e-3]
+        noise, bound = float_noise_gradients(fixture, "img%d/" % i)
+        bad = [x for x in rows if x[1] > 0 and x[0] not in noise
+               and ((x[4] if x[4] is not None else x[3]) or 0) > GRAD_RTOL]
+        noise_bad = [x for x in rows if x[0] in noise and (x[2] is None or x[2] > bound)]
+        n_bad_grad += len(bad) + len(noise_bad)
+        if noise:
+            summary.append("image %d: gradients that are float noise in theirs (<= %.1e, compared in absolute "
+                           "terms): %s" % (i, bound, ", ".join("%s theirs %.1e ours %s" % (x[0], x[1], _fmt(x[2], "%.1e"))
+                                                               for x in rows if x[0] in noise)))
         zero_theirs = [x for x in rows if x[1] == 0]
         zero_bad = [x for x in zero_theirs if x[2] is not None and x[2] != 0]
         missing = [x for x in rows if x[2] is None]
         summary.append("image %d: %d official tensors with gradients; worst relative difference %.2e exact "
-                       "(full dump), %.2e sketch estimate; %d above 1e-3; %d zero in theirs (%d non-zero in "
+                       "(full dump), %.2e sketch estimate; %d above 1e-3 (float noise aside); %d zero in theirs (%d non-zero in "
                        "ours); %d without our counterpart (%s, their norms %s); ours only: %s" % (
                            i, len(rows), worst_exact, worst_est, len(bad), len(zero_theirs), len(zero_bad),
                            len(missing), ", ".join(sorted({m[0].rsplit(".", 3)[0] for m in missing})) or "-",
@@ -953,6 +1018,18 @@ def our_stage(args):
                                                sum(1 for e in ew.values() if e["noisy"]), n_flip))
     out.append("- relative difference without the noise-amplified elements: worst %.2e, %d tensors above 1e-3%s" % (
         worst_kept, len(bad_kept), "" if not bad_kept else ": " + ", ".join("%s %.2e" % (k, r) for r, k in bad_kept)))
+    verdicts = {k: e["verdict"] for k, e in ew.items()}
+    n_amplified = sum(v["amplified"] for v in verdicts.values())
+    beyond = sorted((k for k, v in verdicts.items() if v["rel"] > UPDATE_RTOL), key=lambda k: -verdicts[k]["rel"])
+    failed = [k for k, v in verdicts.items() if not v["ok"]]
+    out.append("- verdict (rules of tests/test_official_training_parity.py): %d tensors beyond %.0e relative, %d "
+               "of them outside the rules; %d elements more than %.1f lr from theirs (reported, the rest of "
+               "their tensors within %.0e)%s" % (
+                   len(beyond), UPDATE_RTOL, len(failed), n_amplified, AMPLIFIED_STEP, UPDATE_RTOL,
+                   "".join("\n  - %s: %.2e, %d elements > %.1f lr, the rest %.2e, worst element %.1e lr%s" % (
+                       k, verdicts[k]["rel"], verdicts[k]["amplified"], AMPLIFIED_STEP, verdicts[k]["rest"],
+                       verdicts[k]["worst_lr"], " (gradient float noise at a step)" if k in res["noise_steps"] else "")
+                       for k in beyond)))
     n_t64 = sum(1 for e in ew.values() if e["theirs_f64"] > 1e-3)
     n_o64 = sum(1 for e in ew.values() if e["ours_f64"] > 1e-3)
     out.append("- against a float64 run of this project's model: %d tensors of theirs and %d of ours (float32) "
@@ -983,7 +1060,7 @@ def our_stage(args):
         with open(args.table, "w") as fh:
             fh.write("# Official training step: theirs -> ours\n\n" + text + "\n")
         print("wrote %s" % args.table)
-    ok = all_same and n_bad_loss == 0 and worst_kept <= 1e-3
+    ok = all_same and n_bad_loss == 0 and n_bad_grad == 0 and bool(verdicts) and not failed
     return res, ok
 
 
@@ -998,7 +1075,8 @@ def main(argv=None):
                         "panoptic/, panoptic_sample.json)")
     parser.add_argument("--work-dir", required=True, help="where the dump and checkpoints are written")
     parser.add_argument("--fixture", default="", help="also write the test fixture (.npz) here")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the weights (the fixture's: 1; docs/BENCHMARKS.md "
+                        "gives seeds 0-4)")
     parser.add_argument("--table", default="", help="stage 'ours': also write the markdown table here")
     args = parser.parse_args(argv)
     if args.stage == "ours" and not args.fixture:
@@ -1019,7 +1097,9 @@ def main(argv=None):
         write_fixture(os.path.join(args.work_dir, DUMP_NAME), args.fixture)
         print("fixture: %s (%.2f MB)" % (args.fixture, os.path.getsize(args.fixture) / 2 ** 20))
     if args.stage == "ours":
-        our_stage(args)
+        _, ok = our_stage(args)
+        print("all rows within tolerance: %s" % ok)
+        return 0 if ok else 1
     return 0
 
 
