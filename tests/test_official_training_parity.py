@@ -1,4 +1,4 @@
-"""The official training step (issue 25), frozen: this project's official mode (CRITERION "official",
+"""The official training step, frozen: this project's official mode (CRITERION "official",
 configs/coco/official/) against the authors' code, run once on the CPU (projects/parity/official_train_parity.py
 --stage official) at reduced width on the 2 COCO sample images; tests/data/official_train_step.npz holds
 their weights, inputs, targets, loss terms, matchings, per-tensor gradient norms + 64 random projections
@@ -12,11 +12,11 @@ from official_train_helpers import (FIXTURE, STEP_IMAGES, build_our_model, fixtu
                                     sketch_rel_diff)
 
 # Tolerances and their reasons.
-LOSS_RTOL = 1e-4  # the issue's; float32 sums in another order (measured worst 3.7e-6)
-GRAD_RTOL = 1e-3  # the issue's, on |ours - theirs| / |theirs| per tensor (measured worst 1.7e-4 exact); the
+LOSS_RTOL = 1e-4  # float32 sums in another order (measured worst 3.7e-6)
+GRAD_RTOL = 1e-3  # on |ours - theirs| / |theirs| per tensor (measured worst 1.7e-4 exact); the
 #                   64-projection estimate of the fixture is within x0.72..x1.27 of the true value at 99.9%
 STEP_RTOL = 1e-4  # per-step total loss and gradient norm (measured worst 3.3e-6)
-UPDATE_RTOL = 1e-3  # the issue's, on each tensor's total update after 3 steps
+UPDATE_RTOL = 1e-3  # on each tensor's total update after 3 steps
 # The 3-step updates: at step 0 both sides have the same weights and every gradient agrees within GRAD_RTOL.
 # At step 1 one ReLU decides differently: the output of res4 block 2 (official layer3.2) at channel 19, row 0,
 # column 9 is 0 in theirs and 2.2e-8 in ours (float32; 3.1e-8 in float64), i.e. its pre-activation is within

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""One-off check (issue 25): the authors' TRAINING step, dumped for a comparison with this project.
+"""One-off check: the authors' TRAINING step, dumped for a comparison with this project.
 
 NOT part of the test suite or CI, and never imported by them: it needs the authors' code
 (zhiqi-li/Panoptic-SegFormer, commit cdb9b68) and its environment (Python 3.8, torch 1.8.1, mmcv-full
 1.3.4 without compiled ops, mmdet 2.12.0), built by hand outside the repository -- the recipe is in
-docs/BENCHMARKS.md ("Official mode vs the authors' code"). Run from the repository root with this
+docs/OFFICIAL_TRAINING_SPEC.md, section 0. Run from the repository root with this
 project's venv::
 
     python -m projects.parity.official_train_parity --official-python /work/venvs/official/bin/python \\
@@ -51,7 +51,7 @@ per-tensor gradients, the 3 steps (losses, gradient norms, each step's gradients
 given THEIR weights before the step, float32 and float64: :func:`step_gradients`), and the total updates
 per tensor (with elements more than lr/10 apart and a float64 reference). The dump also holds each step's
 gradients (before clipping) and weights, which a by-hand probe of one layer's activations needs: that is
-how the step-1 ReLU of docs/BENCHMARKS.md ("Official training step vs the authors' code") was found.
+how the step-1 ReLU of docs/BENCHMARKS.md ("Parity with the authors' code") was found.
 """
 import argparse
 import json
@@ -992,7 +992,7 @@ def main(argv=None):
     parser.add_argument("--stage", choices=["all", "official", "fixture", "ours"], default="all",
                         help="'official' is run by the script itself under --official-python")
     parser.add_argument("--official-python", default="/work/venvs/official/bin/python",
-                        help="Python of the authors' environment (docs/BENCHMARKS.md)")
+                        help="Python of the authors' environment (docs/OFFICIAL_TRAINING_SPEC.md, section 0)")
     parser.add_argument("--official-src", default="", help="checkout of zhiqi-li/Panoptic-SegFormer")
     parser.add_argument("--coco-sample", default="", help="COCO panoptic sample folder (images/, "
                         "panoptic/, panoptic_sample.json)")
