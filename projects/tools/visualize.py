@@ -5,7 +5,9 @@ decoder's attention maps of one segment (paper Sec. 3.3.3 and 3.5; Fig. 6 and Ta
     python -m projects.tools.visualize --config-file configs/shapes/panoptic_segformer_shapes.yaml \
         --dataset shapes_panoptic_val --num-images 3 --output-dir pictures/ MODEL.WEIGHTS model_final.pth
 
-It writes two PNG files into ``--output-dir``:
+It writes two PNG files into ``--output-dir`` (their names start with ``--prefix``, so that
+``--output-dir docs/ --prefix shapes_`` writes the README's ``docs/shapes_predictions.png`` and
+``docs/shapes_attention.png``):
 
 - ``predictions.png``: one row per validation image, columns input | ground truth | one column per
   ``--postprocessors`` name (default: ``mask_wise pixel_argmax``, the paper's mask-wise merging,
@@ -60,6 +62,7 @@ def get_parser():
     parser.add_argument("--attention-image", type=int, default=0, metavar="K",
                         help="draw the attention maps of a segment of the K-th shown image (0-based)")
     parser.add_argument("--output-dir", required=True, help="folder for predictions.png and attention.png")
+    parser.add_argument("--prefix", default="", help="start of both file names, e.g. shapes_")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model.pth")
     return parser
@@ -182,7 +185,7 @@ def main(argv=None) -> List[str]:
     shown = [records[i] for i in indices]
     rows = prediction_rows(predictor, shown, args.postprocessors, metadata)
     titles = ["input", "ground truth"] + [_TITLES.get(n, n) for n in args.postprocessors]
-    paths = [os.path.join(args.output_dir, "predictions.png"), os.path.join(args.output_dir, "attention.png")]
+    paths = [os.path.join(args.output_dir, f"{args.prefix}{name}.png") for name in ("predictions", "attention")]
     save_prediction_grid(rows, titles, paths[0])
     seg = save_segment_attention(predictor, shown[args.attention_image], paths[1], metadata)
     logger.info("wrote %s and %s (segment %d, query %d)", paths[0], paths[1], seg["id"], seg["query"])
