@@ -1,6 +1,7 @@
-"""The documentation cannot rot: every command in a fenced ``bash`` block of README.md and docs/*.md is
-run or has its arguments checked, every Python block compiles and its imports resolve, every link and
-picture exists, and docs/ARCHITECTURE.md names files and names that exist.
+"""The documentation cannot rot: every command in a fenced ``bash`` block of README.md and docs/*.md, and
+every complete ``python`` command written inline in their text, is run or has its arguments checked;
+every Python block compiles and its imports resolve; every link, anchor and picture exists;
+docs/ARCHITECTURE.md names files and names that exist; and the code's pointers into docs/ resolve.
 
 Commands are checked in this process, not in subprocesses (each would cost seconds of imports): a
 ``python -m MODULE ARGS`` or ``python SCRIPT ARGS`` line is executed as ``python`` would execute it
@@ -315,7 +316,8 @@ def test_links_and_pictures_exist():
             linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
             assert os.path.exists(linked), f"{os.path.relpath(path, REPO)}: link to missing {target}"
             if anchor:
-                assert anchor in _anchors(linked), f"{os.path.relpath(path, REPO)}: no heading #{anchor} in {file_part or 'itself'}"
+                assert anchor in _anchors(linked), \
+                    f"{os.path.relpath(path, REPO)}: no heading #{anchor} in {file_part or 'itself'}"
             if linked.endswith(".png"):
                 assert os.path.getsize(linked) < 300 * 1024, f"{target}: pictures are committed under 300 KB"
 
@@ -361,3 +363,30 @@ def test_architecture_table_names_files_and_names_that_exist():
         for name in re.findall(r"`([^`]+)`", names):
             assert re.search(rf"^\s*(def|class) {name}\b|^{name}\s*[:=]", sources, re.M), \
                 f"ARCHITECTURE.md, {component.strip()}: {name} is not defined in {files.strip()}"
+
+
+def test_code_points_to_docs_and_sections_that_exist():
+    """A file of the repository that names ``docs/FILE`` (optionally with a quoted section, as in
+    ``docs/INSTALL.md, "Portability"``) names a file and a heading (or a bold paragraph title) that exist,
+    so renaming a picture or a section cannot leave a dangling pointer in a docstring, a test or a script."""
+    reference = re.compile(r'docs/([\w.-]+\.(?:md|png|json))(?:,? \(?"([^"]+)")?')
+    sources = [os.path.join(REPO, f) for f in ("train_net.py", "Makefile")]
+    for folder in ("panoptic_segformer", "projects", "tests"):
+        sources += glob.glob(os.path.join(REPO, folder, "**", "*.py"), recursive=True)
+        sources += glob.glob(os.path.join(REPO, folder, "**", "*.sh"), recursive=True)
+    checked = 0
+    for source in sources:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+        for name, section in reference.findall(text):
+            where = os.path.relpath(source, REPO)
+            path = os.path.join(REPO, "docs", name)
+            assert os.path.exists(path), f"{where}: docs/{name} does not exist"
+            if section and name.endswith(".md"):
+                section = " ".join(section.split())
+                with open(path, encoding="utf-8") as f:
+                    bold = {" ".join(b.split()) for b in re.findall(r"\*\*([^*]+)\*\*", f.read())}
+                assert _slug(section) in _anchors(path) or section in bold, \
+                    f"{where}: docs/{name} has no section (heading or bold paragraph title) {section!r}"
+            checked += 1
+    assert checked > 10
