@@ -22,6 +22,6 @@ collect-env:
 	$(PY) -m panoptic_segformer.collect_env
 
 # Wheelhouse for an offline GPU machine (Python 3.12, torch/Triton preinstalled): .gpu-wheels/, which
-# projects/benchmarks/gpu_suite.sh installs there (see README, "Running everything that needs a GPU").
+# projects/benchmarks/gpu_suite.sh installs there (see docs/INSTALL.md, "GPU machines").
 gpu-wheels:
 	$(PY) -m projects.setup.gpu_wheels --output .gpu-wheels

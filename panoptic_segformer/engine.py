@@ -213,8 +213,8 @@ class CPUThreadsHook(HookBase):
 
     Why: on a 2-core CPU that other processes kept busy, torch's default (one OpenMP thread per core) made
     an iteration 1.5-5x slower than one thread, because the process's own threads wait on each other
-    at every operator; on the idle machine the default was 1.5-1.7x faster (docs/BENCHMARKS.md, "DataLoader
-    threads on a busy 2-core machine" and "Adaptive CPU threads"). No fixed count is right for both, and
+    at every operator; on the idle machine the default was 1.5-1.7x faster (docs/BENCHMARKS.md, "Threads in CPU
+    training"). No fixed count is right for both, and
     the load changes while a run trains, so "auto":
 
     1. trains its first `warmup_iters` iterations with 1 thread (the count that is never much slower) and

@@ -409,7 +409,7 @@ class PanopticSegFormer(nn.Module):
         is the outputs plus the masks the post-processor reads plus one chunk. The default chunk (2^26
         values, 62 queries at 800x1333) gives sem_seg's thing-plane product an inner dimension large enough
         to be efficient: against 2^25, post-processing took 4.2 instead of 4.9 s for 70 MB more peak memory
-        (docs/BENCHMARKS.md, "Inference speed after issue 15's third pass").
+        (measured on a 2-core CPU; docs/BENCHMARKS.md, "CPU speed", has the current stage times).
         """
         to_image = getattr(postprocessor, "masks_to_image", upsample_masks_to_image)
         # Each chunk's full-resolution temporaries go into buffers reused across chunks (ScratchBuffers:

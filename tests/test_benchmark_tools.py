@@ -1,4 +1,4 @@
-"""The measurement tools of projects/benchmarks (issues 5 and 6): model_stats.py (parameters, GFLOPs,
+"""The measurement tools of projects/benchmarks: model_stats.py (parameters, GFLOPs,
 FPS per stage, host syncs) and train_memory.py (training step memory and time), on a tiny config.
 
 The flop handles are checked against the closed-form counts of multi-scale deformable attention
@@ -171,7 +171,7 @@ def test_train_memory_step_runs_and_reports(query_filter):
 
 
 def test_profile_inference_attributes_every_stage_and_operator(tmp_path):
-    """profile_inference (issue 15): every stage of model_stats has a profiler range with a time, its
+    """profile_inference: every stage of model_stats has a profiler range with a time, its
     operators' self times fit inside it, and the heavy operators land in their stage."""
     from projects.benchmarks import profile_inference
 
@@ -187,7 +187,7 @@ def test_profile_inference_attributes_every_stage_and_operator(tmp_path):
 
 
 def test_inference_memory_reports_peak_outputs_and_read_masks(tmp_path):
-    """inference_memory (issue 15) through DefaultPredictor: peak RSS at least the post-build RSS, outputs at
+    """inference_memory through DefaultPredictor: peak RSS at least the post-build RSS, outputs at
     the array's size, and the masks the post-processor read (all queries at t_cnf 0, none at 1)."""
     from projects.benchmarks import inference_memory
 
@@ -208,7 +208,7 @@ def test_inference_memory_reports_peak_outputs_and_read_masks(tmp_path):
 
 
 def test_overfit_benchmark_runs_and_reports(tmp_path):
-    """`python -m projects.benchmarks.overfit` (the long learning checks, README "Tests"), shortened to 2
+    """`python -m projects.benchmarks.overfit` (the long learning checks, docs/INSTALL.md "Portability"), shortened to 2
     iterations: it trains, evaluates and reports each check, and fails on a missed target unless told not to."""
     from projects.benchmarks import overfit
 

@@ -1,4 +1,4 @@
-"""A user's own clone and a user's own dataset (issue 12).
+"""A user's own clone and a user's own dataset.
 
 - The COCO sample ships inside the package (also in a built wheel) and nothing reads a folder outside
   the repository.

@@ -1,4 +1,4 @@
-"""DataLoader workers run the mapper with one intra-op thread (issue 15): on a 2-core machine the
+"""DataLoader workers run the mapper with one intra-op thread: on a 2-core machine the
 workers' default thread pools oversubscribed the cores and slowed training several times.
 
 OpenCV's thread count must be set in the parent before the workers fork: setting it inside a forked

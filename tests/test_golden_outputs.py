@@ -20,7 +20,7 @@ AMD EPYC with AVX2 and must hold on an Intel Xeon with AVX-512/AMX too):
   rounds the same sums in another order: its error is bounded by the same ``gamma_n * sum |terms|`` as
   the fixture's run and is of the same size in practice (measured on the AMD EPYC that wrote the fixture:
   at most 1.25x err32 with AVX2 at 1 or 2 threads, at most 4.1x with ATen's generic kernels, oneDNN at
-  SSE4.1 and MKL at SSE4.2 at 1 or 2 threads; docs/BENCHMARKS.md, "Test suite: time and portability"), so a
+  SSE4.1 and MKL at SSE4.2 at 1 or 2 threads; docs/BENCHMARKS.md, "Test suite"), so a
   factor 8 leaves room without hiding a real change (a changed weight or formula moves these outputs by
   orders of magnitude more). The 4 ulp floor covers outputs that float32 happened to compute exactly, and the
   float32 rounding of the stored value.

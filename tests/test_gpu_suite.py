@@ -1,4 +1,4 @@
-"""The GPU suite (projects/benchmarks/gpu_suite.sh, issue 14) and its wheelhouse (projects/setup/gpu_wheels.py).
+"""The GPU suite (projects/benchmarks/gpu_suite.sh) and its wheelhouse (projects/setup/gpu_wheels.py).
 
 ``gpu_suite.sh --dry-run`` runs every part with the same entry points on the CPU at tiny sizes, so the
 one-call GPU run cannot rot: every part must pass and be reported in the JSON and the Markdown.

@@ -1,4 +1,4 @@
-"""Host-device syncs of the forward passes (issue 6: "no needless host-device syncs").
+"""Host-device syncs of the forward passes (none that is not needed: each stops the host from queueing GPU work).
 
 On a GPU, reading a tensor's value on the host (.item(), .tolist(), bool(t), int(t), .cpu()) or an op
 whose output size depends on the data (nonzero, boolean-mask indexing, unique, bincount) waits for every

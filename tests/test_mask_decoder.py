@@ -316,7 +316,7 @@ def test_bad_inputs_raise_value_error():
 
 
 def test_masks_of_last_skips_the_maps_and_masks_of_earlier_layers():
-    """Inference reads only the last layer's masks (issue 15): with masks_of="last" the other layers
+    """Inference reads only the last layer's masks (only they feed the outputs, Sec. 3.3.3): with masks_of="last" the other layers
     compute neither attention maps nor masks, and everything that is returned is unchanged."""
     dec = build(num_layers=3)
     queries, pos, memory, mpos = random_decoder_inputs()

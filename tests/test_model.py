@@ -156,7 +156,7 @@ def test_masks_to_image_at_the_image_size_skips_the_identity_resize():
 
 
 def test_masks_to_image_into_reused_buffers_are_bit_identical():
-    """With ScratchBuffers (reused across query chunks, issue 15) both ways to the output size give the
+    """With ScratchBuffers (reused across query chunks) both ways to the output size give the
     same bytes as without, chunk after chunk, larger and smaller, and Detectron2's way (upsample by the
     stride, then sem_seg_postprocess's crop + resize) gives them too; a later chunk overwrites the
     buffer, so the result is a view of it."""
@@ -213,7 +213,7 @@ def test_masks_reach_images_that_are_not_a_multiple_of_8_at_stride_8():
 
 
 def test_bf16_autocast_inference_and_training_step_on_cpu(batches):
-    """Mixed precision (issue 6, the part that runs on a CPU): under bf16 autocast the forward is
+    """Mixed precision (the part that runs on a CPU): under bf16 autocast the forward is
     finite and close to fp32, and a training step gives finite float32 losses and gradients."""
     model = build_model(_tiny("MODEL.PANOPTIC_SEGFORMER.DROPOUT", "0.0")).eval()
     train, test = batches
@@ -258,7 +258,7 @@ def _predictions_with_segments(seed=1):
 
 
 def test_full_resolution_outputs_do_not_depend_on_the_chunk_size():
-    """Queries reach full resolution in chunks (issue 15); one query per chunk gives the same outputs
+    """Queries reach full resolution in chunks (bounded memory); one query per chunk gives the same outputs
     as all at once, up to float rounding.
 
     Not bit for bit: ATen's element-wise kernels compute the tail of each vectorised loop (and of each
@@ -363,7 +363,7 @@ def test_sem_seg_equals_the_dense_semantic_inference(decoupled):
 
 @pytest.mark.parametrize("chunk", [1, 3, 40])
 def test_running_top_k_instances_equal_one_stable_sort(chunk):
-    """The instances' running top-k over query chunks (issue 15: each mask copied once when it enters,
+    """The instances' running top-k over query chunks (each mask copied once when it enters,
     not the whole top-k per chunk) gives what one stable sort of all thing queries gives: scores
     descending, ties (many here) by query index, the binary masks and labels of those queries."""
     from panoptic_segformer.panoptic_segformer import _RunningTopK

@@ -276,7 +276,7 @@ def test_module_input_validation():
 
 
 def _previous_core(value, sizes, loc, weights):
-    """The first implementation of the core (before issue 15): one grid_sample per level on a (Q, P) grid,
+    """The per-level formulation of the core: one grid_sample per level on a (Q, P) grid,
     all levels stacked, then one weighted sum. Kept here as the reference the faster formulations (the
     weighted gather of ``ms_deform_attn_core``, and ``ms_deform_attn_grid_sample`` that ONNX export
     uses) must equal."""

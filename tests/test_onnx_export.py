@@ -1,4 +1,4 @@
-"""ONNX export (issue 16): the exported network in onnxruntime gives PyTorch's per-query outputs, and
+"""ONNX export: the exported network in onnxruntime gives PyTorch's per-query outputs, and
 OnnxPredictor gives PanopticSegFormerPredictor's Detectron2 outputs.
 
 One export per module (about a minute on 2 cores: torch.export, ONNX translation, onnxscript's optimiser):

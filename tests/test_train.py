@@ -1,7 +1,7 @@
 """End-to-end training through the project's Trainer (train_net.py's) on CPU: runs are reproducible, odd
 inputs train, NaN losses stop training, train_net.py trains and evaluates (multi-process runs:
 test_multiprocess.py; that the model learns, PQ >= 90 on overfit shapes images and the COCO sample's loss
-halving: `python -m projects.benchmarks.overfit`, README "Setup and tests")."""
+halving: `python -m projects.benchmarks.overfit`, docs/INSTALL.md "Portability")."""
 import os
 import subprocess
 import sys
@@ -26,7 +26,7 @@ def test_seeded_cpu_runs_give_identical_losses(tmp_path):
     for k in range(2):
         out = tmp_path / f"run{k}"
         # A fixed thread count: "auto" (0) may pick another count in each run, which changes the order
-        # of floating-point sums (README, "The main job").
+        # of floating-point sums (docs/GETTING_STARTED.md, "CPU threads").
         cfg = small_cfg("SOLVER.MAX_ITER", "8", "TEST.EVAL_PERIOD", "0", "SEED", "123",
                         "SOLVER.CPU_THREADS", str(torch.get_num_threads()), "DATASETS.TEST", "()",
                         "OUTPUT_DIR", str(out))

@@ -1,4 +1,4 @@
-"""A user's own mistakes give clear errors through the paths users take (issue 12): checkpoints of
+"""A user's own mistakes give clear errors through the paths users take: checkpoints of
 another dataset or that are no checkpoint at all (train_net.py, the predictor, the torchvision
 converter), image arrays of other layouts or with NaN/inf (DefaultPredictor and
 PanopticSegFormerPredictor), and a negative merging threshold in the config.

@@ -13,7 +13,7 @@ multi-process evaluation see the same pixels.
 
 The package: ``imagecorruptions-imaug`` (import name ``imagecorruptions``), the maintained fork of
 ``imagecorruptions`` 1.1.2 with the same 19 corruptions and parameters, fixed for NumPy 2 and recent
-scikit-image (see README, "Robustness to corruptions", for why not 1.1.2 and how it is installed).
+scikit-image (see docs/ROBUSTNESS.md, "The corruption package", for why not 1.1.2 and how it is installed).
 """
 import hashlib
 import inspect

@@ -3,8 +3,8 @@
 On a GPU, reading a tensor's value on the host (``.item()``, ``.tolist()``, ``bool(t)``,
 ``int(t)``, ``.cpu()``) blocks Python until every queued kernel has finished. So do the ops whose
 output size depends on the data (``nonzero``, boolean-mask indexing, ``unique``, ``bincount``,
-``masked_select``, ...). Each such sync stops the host from queueing work ahead of the GPU (issue 6:
-"no needless host-device syncs in the forward pass").
+``masked_select``, ...). Each such sync stops the host from queueing work ahead of the GPU, so
+the forward pass should make none that it does not need.
 
 :class:`HostSyncCounter` is a ``torch.overrides.TorchFunctionMode``. It sees every torch function
 and Tensor method called *directly* by the code under it (not the ops inside a torch function that

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory (resident set size) of inference on one image, in a fresh process (issue 15).
+"""Peak memory (resident set size) of inference on one image, in a fresh process.
 
     # the model on an input already at its test size (build + one forward):
     python -m projects.benchmarks.inference_memory --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \\
@@ -8,7 +8,7 @@
     python -m projects.benchmarks.inference_memory --config-file CFG --predictor --image-size 4000x6000 \\
         MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON False
     # plot peak RSS against image size and against read masks from the appended results:
-    python -m projects.benchmarks.inference_memory --plot results.json --out docs/inference_memory.png
+    python -m projects.benchmarks.inference_memory --plot results.json --out memory.png
 
 The model is built at random initialisation (seed 0, nothing downloaded; ``bench_utils``); the image is
 random (seed 0): an (3, H, W) uint8 tensor given to ``model([...])``, or with --predictor an (H, W, 3)

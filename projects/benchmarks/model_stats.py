@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Parameters, GFLOPs and inference speed of a Panoptic SegFormer config (issues 5 and 6).
+"""Parameters, GFLOPs and inference speed of a Panoptic SegFormer config (paper Table 1 #P / #F, Table 5 FPS, Table 10).
 
     python -m projects.benchmarks.model_stats --config-file configs/coco/panoptic_segformer_R50_24ep.yaml
     python -m projects.benchmarks.model_stats --config-file CFG --fps --per-stage --dtype fp32,bf16 \\

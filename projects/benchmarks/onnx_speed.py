@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""onnxruntime against PyTorch on the CPU, side by side in one run (issue 16).
+"""onnxruntime against PyTorch on the CPU, side by side in one run.
 
     python -m projects.benchmarks.onnx_speed --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \\
         [--image-size 800x1333] [--iters 5] [--json out.json] [KEY VALUE ...]

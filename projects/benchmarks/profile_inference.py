@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Where inference time goes: ``torch.profiler`` of one ``model([input])`` call, top operators per stage
-(issue 15).
+"""Where inference time goes: ``torch.profiler`` of one ``model([input])`` call, top operators per stage.
 
     python -m projects.benchmarks.profile_inference --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \\
         --image-size 800x1333 --threads 2 [--top 8] [--json out.json] [KEY VALUE ...]

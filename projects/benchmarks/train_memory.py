@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak training memory and step time of a Panoptic SegFormer config at batch 1 (issue 6, App. B.2).
+"""Peak training memory and step time of a Panoptic SegFormer config at batch 1 (App. B.2: query filtering and memory).
 
     python -m projects.benchmarks.train_memory --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \\
         --device cuda [--image-size 800x1333] [--query-filter on,off] [--dtype fp32,fp16] [--json out.json]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a Panoptic SegFormer config + weights to ONNX (issue 16).
+"""Export a Panoptic SegFormer config + weights to ONNX.
 
     python -m projects.deploy.export --config-file configs/coco/panoptic_segformer_R50_24ep.yaml \\
         --output model.onnx [--image-size 800x1088] MODEL.WEIGHTS model_final.pth [KEY VALUE ...]

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""One-off check (issue 25): the official-mode data pipeline (``INPUT.AUGMENTATION "official"``) gives the
+"""One-off check: the official-mode data pipeline (``INPUT.AUGMENTATION "official"``) gives the
 authors' training inputs and targets, and their test-time resize.
 
 NOT part of the test suite or CI, and never imported by them: it needs the authors' code
 (zhiqi-li/Panoptic-SegFormer, commit cdb9b68) and its environment (Python 3.8, mmcv-full 1.3.4 without
 compiled ops, mmdet 2.12.0, opencv-python 4.5.1.48), built by hand outside the repository -- the recipe is
-in docs/BENCHMARKS.md ("Official mode vs the authors' code"). Run from the repository root with this
+in docs/OFFICIAL_TRAINING_SPEC.md, section 0. Run from the repository root with this
 project's venv::
 
     python -m projects.parity.official_data_parity --official-python /work/venvs/official/bin/python \\

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""One-off check (issue 10): the "official" mode reproduces the authors' panoptic output pixel for pixel.
+"""One-off check: the "official" mode reproduces the authors' panoptic output pixel for pixel.
 
 NOT part of the test suite or CI, and never imported by them: it needs the authors' code
 (zhiqi-li/Panoptic-SegFormer) and its environment (Python 3.8, torch 1.8.1, mmcv-full 1.3.4 without
 compiled ops, mmdet 2.12.0), built by hand outside the repository -- the recipe is in
-docs/BENCHMARKS.md ("Official mode vs the authors' code"). Run from the repository root with this
+docs/OFFICIAL_TRAINING_SPEC.md, section 0. Run from the repository root with this
 project's venv::
 
     python -m projects.parity.official_parity --official-python /work/venvs/official/bin/python \\
@@ -389,7 +389,7 @@ def main(argv=None):
     parser.add_argument("--stage", choices=["all", "official"], default="all",
                         help="'official' is run by the script itself under --official-python")
     parser.add_argument("--official-python", default="/work/venvs/official/bin/python",
-                        help="Python of the authors' environment (docs/BENCHMARKS.md)")
+                        help="Python of the authors' environment (docs/OFFICIAL_TRAINING_SPEC.md, section 0)")
     parser.add_argument("--official-src", required=True, help="checkout of zhiqi-li/Panoptic-SegFormer")
     parser.add_argument("--images", required=True, help="folder of images (e.g. the COCO panoptic sample)")
     parser.add_argument("--work-dir", required=True, help="where checkpoints and outputs are written")

@@ -1,6 +1,6 @@
 """Dataset registration in Detectron2's catalog (standard COCO panoptic format).
 
-- Your own dataset: :func:`register_panoptic_dataset` (README, "Your own dataset").
+- Your own dataset: :func:`register_panoptic_dataset` (docs/DATASETS.md, "Your own dataset").
 - COCO panoptic: Detectron2's own registration (``coco_2017_{train,val,val_100}_panoptic``, under
   ``$DETECTRON2_DATASETS``) is kept, metadata and all; only its loader is replaced by
   :func:`load_panoptic_json_checked` so a missing folder or a bad JSON is a clear error naming the
