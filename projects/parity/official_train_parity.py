@@ -1078,8 +1078,9 @@ def main(argv=None):
                         "panoptic/, panoptic_sample.json)")
     parser.add_argument("--work-dir", required=True, help="where the dump and checkpoints are written")
     parser.add_argument("--fixture", default="", help="also write the test fixture (.npz) here")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the weights (the fixture's: 1; docs/BENCHMARKS.md "
-                        "gives seeds 0-4)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the weights (the fixture's: 1; seeds 0-4 compared in "
+                             "docs/BENCHMARKS.md, \"Parity with the authors' code\")")
     parser.add_argument("--table", default="", help="stage 'ours': also write the markdown table here")
     args = parser.parse_args(argv)
     if args.stage == "ours" and not args.fixture:
