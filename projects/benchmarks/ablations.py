@@ -51,6 +51,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.engine import hooks  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -61,10 +62,12 @@ from panoptic_segformer.postprocessing import POSTPROCESSOR_REGISTRY  # noqa: E4
 from .bench_utils import json_default, machine  # noqa: E402
 from .compare_postprocessors import (  # noqa: E402
     METRICS,
+    add_threshold_arguments,
     build_postprocessor,
     fair_comparison,
     format_thresholds,
     load_model,
+    make_grids,
     score_postprocessors,
     tuning_split,
 )
@@ -144,10 +147,14 @@ def run_cfg(args, variant: str, seed: int, out: str):
 
 
 def _setup(args, variant, seed) -> Dict:
-    return {"config_file": os.path.relpath(os.path.abspath(args.config_file), REPO), "opts": list(args.opts),
+    """What a resumed run must share with the one that wrote its result.json."""
+    setup = {"config_file": os.path.relpath(os.path.abspath(args.config_file), REPO), "opts": list(args.opts),
             "variant_opts": variant_opts(variant), "seed": seed, "max_iter": args.max_iter,
             "dataset": args.dataset, "tune_dataset": args.tune_dataset, "tune_images": args.tune_images,
             "postprocessors": list(args.postprocessors), "mask_layers": list(MASK_LAYERS)}
+    if args.conf_grid is not None or args.conf_only:  # the default grids are implied
+        setup["grids"] = make_grids(args.postprocessors, args.conf_grid, args.conf_only)
+    return json.loads(json.dumps(setup))  # as read back from result.json
 
 
 class _IntermediateCurveHook(CurveHook):
@@ -159,11 +166,19 @@ class _IntermediateCurveHook(CurveHook):
             super().after_step()
 
 
+class _Trainer(Trainer):
+    """The project's Trainer without Detectron2's evaluation after training (``EvalHook``): the trained
+    variant is scored once, by :func:`evaluate_variant`."""
+
+    def build_hooks(self):
+        return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+
+
 def train_variant(cfg, curve_points: int) -> Dict:
     """Train with the project's Trainer, evaluating (mask-wise, config thresholds) ``curve_points - 1``
     times during training (the last point is added from the final evaluation)."""
     seed_all_rng(cfg.SEED)
-    trainer = Trainer(cfg)
+    trainer = _Trainer(cfg)
     trainer.resume_or_load(resume=False)
     period = max(1, math.ceil(cfg.SOLVER.MAX_ITER / max(1, curve_points)))
     hook = _IntermediateCurveHook(period, float("inf"), cfg)
@@ -186,8 +201,9 @@ def evaluate_variant(cfg, args) -> Dict:
     dataset = ecfg.DATASETS.TEST[0]
     tune_dataset, tune_images = tuning_split(ecfg, dataset, args.tune_dataset, args.tune_images)
     start = time.perf_counter()
+    grids = make_grids(args.postprocessors, args.conf_grid, args.conf_only)
     table, tuning = fair_comparison(ecfg, model, dataset, args.postprocessors, tune_dataset,
-                                    args.max_images, tune_images, progress=False)
+                                    args.max_images, tune_images, grids, progress=False)
     layers = OrderedDict()
     trained = model.mask_decoder.num_layers
     own = table.get("mask_wise (tuned)")
@@ -328,6 +344,8 @@ def format_markdown(summary: Dict, title: str = "") -> str:
         table("Table 10 — mask-decoder layers used at inference (full model)", "layers",
               [[str(n), seeds("full")] + _paper(PAPER["table10"].get(int(n)))
                + ([_cell(layers[n][k]) for k in KEYS] if layers[n] else ["n/a"] * 3) for n in layers])
+        if any(x is None for x in layers.values()):
+            lines[-1:] = ["n/a: more layers than the trained mask decoder has.", ""]
     rows = []
     for v, s in summary.items():
         for label, r in s["postprocessors"].items():
@@ -364,9 +382,7 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default=SHAPES_YAML, metavar="FILE", help="base config (default: shapes)")
     parser.add_argument("--dataset", default=None, help="evaluation split (default: the config's DATASETS.TEST[0])")
-    parser.add_argument("--tune-dataset", default=None,
-                        help="split the post-processor thresholds are chosen on (default: see compare_postprocessors)")
-    parser.add_argument("--tune-images", type=int, default=None)
+    add_threshold_arguments(parser, original_paper=False)
     parser.add_argument("--max-images", type=int, default=None, help="first N images of the evaluation split")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME",
@@ -405,15 +421,17 @@ def main(argv=None):
             runs.setdefault(p["trains"], {})[seed] = run_variant(args, p["trains"], seed)
     summary = summarize(plan, runs)
     dataset = args.dataset or base.DATASETS.TEST[0]
-    title = (f"Ablations on {dataset}: {args.max_iter} iterations per run, {machine(torch.device(base.MODEL.DEVICE))}; "
-             f"paper: COCO val2017, R50, 50 epochs")
+    title = (f"Ablations on {dataset}: {args.max_iter} iterations per run"
+             + (f" (config overrides: {' '.join(args.opts)})" if args.opts else "")
+             + f", {machine(torch.device(base.MODEL.DEVICE))}; paper: COCO val2017, R50, 50 epochs. "
+             "Cells: mean (min–max) over the seeds.")
     md = format_markdown(summary, title)
     with open(os.path.join(args.output_dir, "ablations.md"), "w") as f:
         f.write(md)
     plot_curves(runs, os.path.join(args.output_dir, "ablations.png"), f"Ablation variants on {dataset}")
     with open(os.path.join(args.output_dir, "ablations.json"), "w") as f:
-        json.dump({"setup": {"command": sys.argv, "machine": machine(torch.device(base.MODEL.DEVICE)), "variants": VARIANTS, "plan": plan,
-                             "seconds": time.perf_counter() - start},
+        json.dump({"setup": {"command": sys.argv, "machine": machine(torch.device(base.MODEL.DEVICE)),
+                             "variants": VARIANTS, "plan": plan, "seconds": time.perf_counter() - start},
                    "runs": runs, "summary": summary, "paper": PAPER}, f, indent=1, default=json_default)
     print(md)
     return summary

@@ -56,7 +56,8 @@ from panoptic_segformer.postprocessing import POSTPROCESSOR_REGISTRY, build_post
 from .bench_utils import first_images_dataset
 
 __all__ = ["TimedPostProcessor", "predict_with_postprocessors", "compare_postprocessors", "score_postprocessors",
-           "tune_thresholds", "fair_comparison", "original_paper_comparison", "format_table", "load_model",
+           "tune_thresholds", "fair_comparison", "make_grids", "original_paper_comparison", "original_paper_rows",
+           "tuned_rows", "confidence_threshold_of", "add_threshold_arguments", "format_table", "load_model",
            "SWEEP_GRIDS", "HELD_OUT_SPLITS", "main"]
 
 logger = logging.getLogger("panoptic_segformer_benchmarks")
@@ -77,6 +78,24 @@ SWEEP_GRIDS: Dict[str, List[Tuple[str, Tuple]]] = {
 }
 #: Evaluation split -> registered held-out split of the same distribution used to choose thresholds.
 HELD_OUT_SPLITS = {"shapes_panoptic_val": "shapes_panoptic_heldout"}
+
+
+def make_grids(names: Sequence[str], conf_grid: Optional[Sequence[float]] = None, conf_only: bool = False
+               ) -> Dict[str, List[Tuple[str, Tuple]]]:
+    """:data:`SWEEP_GRIDS` for ``names``, with ``conf_grid`` as every confidence grid (if given) and
+    without the further thresholds if ``conf_only`` (fewer passes over the tuning split)."""
+    if conf_grid is not None:
+        bad = [v for v in conf_grid if not 0.0 <= v <= 1.0]
+        if not conf_grid or bad:
+            raise ValueError(f"--conf-grid needs values in [0, 1], got {list(conf_grid)}")
+    grids = {}
+    for name in names:
+        grid = list(SWEEP_GRIDS.get(name, ()))
+        if grid and conf_grid is not None:
+            grid[0] = (grid[0][0], tuple(conf_grid))
+        grids[name] = grid[:1] if conf_only else grid
+    return grids
+
 
 Rows = Mapping[str, object]  # {row label: post-processor with the common signature}
 
@@ -173,13 +192,12 @@ def score_postprocessors(cfg, model, dataset_name: str, rows: Rows, max_images: 
 
 def base_kwargs(cfg, name: str) -> Dict:
     """Constructor arguments of ``name`` before tuning: the config's TEST.* merging keys for the model's
-    own post-processor (and its mask-wise variants), else {} (the constructor's defaults)."""
+    own post-processor (TEST.POSTPROCESSOR), else {} (the constructor's defaults)."""
     if name != cfg.MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR:
         return {}
-    t = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     probe = build_postprocessor_from_config(cfg)
     keys = ("alpha", "beta", "mask_threshold", "conf_threshold", "keep_threshold")
-    return {k: getattr(probe, k) for k in keys if hasattr(probe, k)} if t.POSTPROCESSOR == name else {}
+    return {k: getattr(probe, k) for k in keys if hasattr(probe, k)}
 
 
 def _build(name: str, kwargs: Dict):
@@ -263,10 +281,9 @@ def fair_comparison(cfg, model, dataset_name: str, names: Sequence[str], tune_da
     for name in names:
         plan[f"{name} (tuned)"] = (name, "tuned", dict(tuning[name]["chosen"]))
     for name in names:
-        grid = grids.get(name, ())
-        if grid:
-            plan[f"{name} (shared t_cnf)"] = (name, "shared", {grid[0][0]: t_cnf})
-    rows = OrderedDict((label, _build(n, {**base_kwargs(cfg, n), **kw})) for label, (n, _, kw) in plan.items())
+        if name in SWEEP_GRIDS:  # the confidence threshold: the first argument of the built-in grid
+            plan[f"{name} (shared t_cnf)"] = (name, "shared", {SWEEP_GRIDS[name][0][0]: t_cnf})
+    rows = OrderedDict((label, tuned_rows(cfg, {n: kw})[n]) for label, (n, _, kw) in plan.items())
     table = score_postprocessors(cfg, model, dataset_name, rows, max_images, num_mask_layers, progress)
     for label, (name, setting, kwargs) in plan.items():
         table[label].update(postprocessor=name, setting=setting, thresholds=kwargs)
@@ -277,12 +294,33 @@ def original_paper_comparison(cfg, model, dataset_name: str, names: Sequence[str
                               max_images: Optional[int] = None, num_mask_layers: Optional[int] = None,
                               progress: bool = True):
     """Each post-processor at its original paper's defaults (the model's own at the config's values)."""
-    own = cfg.MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR
-    rows = OrderedDict((n, model.postprocessor if n == own else build_postprocessor(n)) for n in names)
+    rows = original_paper_rows(cfg, model, names)
     table = score_postprocessors(cfg, model, dataset_name, rows, max_images, num_mask_layers, progress)
     for name in names:
-        table[name].update(postprocessor=name, setting="original paper", thresholds={})
+        table[name].update(postprocessor=name, setting="original paper",
+                           thresholds=confidence_threshold_of(name, rows[name]))
     return table
+
+
+def original_paper_rows(cfg, model, names: Sequence[str]) -> "OrderedDict[str, object]":
+    """{name: post-processor at its original paper's defaults}; the model's own (TEST.POSTPROCESSOR)
+    is the model's post-processor, at the config's values."""
+    own = cfg.MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR
+    return OrderedDict((n, model.postprocessor if n == own else build_postprocessor(n)) for n in names)
+
+
+def tuned_rows(cfg, chosen: Mapping[str, Mapping]) -> "OrderedDict[str, object]":
+    """{name: post-processor at ``chosen[name]``} ({argument: value}, e.g. :func:`tune_thresholds`'
+    "chosen"); arguments not chosen keep :func:`base_kwargs`."""
+    return OrderedDict((n, _build(n, {**base_kwargs(cfg, n), **kw})) for n, kw in chosen.items())
+
+
+def confidence_threshold_of(name: str, postprocessor) -> Dict:
+    """{argument: value} of ``postprocessor``'s confidence threshold (the first argument of its
+    :data:`SWEEP_GRIDS` entry); {} for a post-processor without one."""
+    arg = SWEEP_GRIDS[name][0][0] if name in SWEEP_GRIDS else None
+    value = getattr(postprocessor, arg, None) if arg else None
+    return {arg: value} if value is not None else {}
 
 
 def compare_postprocessors(cfg, model, dataset_name: str, names: Sequence[str],
@@ -294,9 +332,7 @@ def compare_postprocessors(cfg, model, dataset_name: str, names: Sequence[str],
         {name: {"PQ", "SQ", "RQ", "PQ_th", "PQ_st" (percent), "merge_ms" (mean per image),
         "images"}} in the order of ``names``.
     """
-    own = cfg.MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR
-    rows = OrderedDict((n, model.postprocessor if n == own else build_postprocessor(n)) for n in names)
-    return score_postprocessors(cfg, model, dataset_name, rows, max_images)
+    return score_postprocessors(cfg, model, dataset_name, original_paper_rows(cfg, model, names), max_images)
 
 
 def _format_value(value) -> str:
@@ -332,16 +368,29 @@ def get_parser():
     parser.add_argument("--postprocessors", nargs="+", default=None, metavar="NAME",
                         help=f"registered names (default: all: {' '.join(registered_postprocessors())})")
     parser.add_argument("--max-images", type=int, default=None)
+    add_threshold_arguments(parser)
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model.pth")
+    return parser
+
+
+def add_threshold_arguments(parser, original_paper: bool = True) -> None:
+    """The options of the threshold choice (shared by the benchmarks that compare post-processors):
+    --tune-dataset, --tune-images, --conf-grid, --conf-only and, if ``original_paper``,
+    --original-paper-thresholds."""
     parser.add_argument("--tune-dataset", default=None,
                         help="split the thresholds are chosen on (default: the held-out split of --dataset in "
                              f"{HELD_OUT_SPLITS}, else the first --tune-images images of DATASETS.TRAIN[0])")
     parser.add_argument("--tune-images", type=int, default=None,
                         help="first N images of the tuning split (default: all, or 100 of DATASETS.TRAIN[0])")
-    parser.add_argument("--original-paper-thresholds", action="store_true",
-                        help="no tuning: DETR's 0.85, MaskFormer's 0.8, the heuristic's 0.5, the config's t_cnf")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model.pth")
-    return parser
+    parser.add_argument("--conf-grid", nargs="+", type=float, default=None, metavar="T",
+                        help="confidence thresholds tried for every post-processor (default: "
+                             f"{' '.join(map(str, CONF_GRID))})")
+    parser.add_argument("--conf-only", action="store_true",
+                        help="sweep only the confidence thresholds (the others stay at their defaults)")
+    if original_paper:
+        parser.add_argument("--original-paper-thresholds", action="store_true",
+                            help="no tuning: DETR's 0.85, MaskFormer's 0.8, the heuristic's 0.5, the config's t_cnf")
 
 
 def tuning_split(cfg, dataset: str, tune_dataset: Optional[str], tune_images: Optional[int]):
@@ -401,7 +450,8 @@ def main(argv=None):
                                   "original papers' thresholds)"))
         return table
     tune_dataset, tune_images = tuning_split(cfg, dataset, args.tune_dataset, args.tune_images)
-    table, _ = fair_comparison(cfg, model, dataset, names, tune_dataset, args.max_images, tune_images)
+    grids = make_grids(names, args.conf_grid, args.conf_only)
+    table, _ = fair_comparison(cfg, model, dataset, names, tune_dataset, args.max_images, tune_images, grids)
     n = next(iter(table.values()))["images"]
     print(format_table(table, f"Post-processors on {dataset} ({n} images, {device}; weights: {weights}); "
                               f"thresholds chosen by PQ on {tune_dataset}"
