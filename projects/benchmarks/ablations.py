@@ -258,7 +258,8 @@ def run_variant(args, variant: str, seed: int) -> Dict:
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1, default=json_default)
     os.replace(tmp, path)
-    return result
+    with open(path) as f:  # as a resumed run reads it (string keys), so that both kinds summarize alike
+        return json.load(f)
 
 
 def _stats(values: Sequence[float]) -> Dict:
@@ -360,7 +361,7 @@ def format_markdown(summary: Dict, title: str = "") -> str:
 
 def plot_curves(runs: Dict[str, Dict[int, Dict]], path: str, title: str = "") -> None:
     """PQ (mask-wise, config thresholds) against iteration, one line per run (one colour per variant)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (variant, by_seed) in enumerate(runs.items()):
         for j, (seed, r) in enumerate(sorted(by_seed.items())):
@@ -372,7 +373,7 @@ def plot_curves(runs: Dict[str, Dict[int, Dict]], path: str, title: str = "") ->
     ax.set_ylabel("PQ (mask-wise, config thresholds)")
     ax.set_title(title or "Learning curves of the ablation variants")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -399,6 +400,7 @@ def get_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
     unknown = [n for n in args.postprocessors if n not in POSTPROCESSOR_REGISTRY]
     if unknown:
@@ -430,8 +432,11 @@ def main(argv=None):
         f.write(md)
     plot_curves(runs, os.path.join(args.output_dir, "ablations.png"), f"Ablation variants on {dataset}")
     with open(os.path.join(args.output_dir, "ablations.json"), "w") as f:
-        json.dump({"setup": {"command": sys.argv, "machine": machine(torch.device(base.MODEL.DEVICE)),
-                             "variants": VARIANTS, "plan": plan, "seconds": time.perf_counter() - start},
+        json.dump({"setup": {"command": ["python", "-m", "projects.benchmarks.ablations", *argv],
+                             "machine": machine(torch.device(base.MODEL.DEVICE)), "variants": VARIANTS,
+                             "plan": plan, "seconds_this_invocation": time.perf_counter() - start,
+                             "run_seconds_total": sum(r.get("wall_seconds", 0.0) + r.get("eval_seconds", 0.0)
+                                                      for by_seed in runs.values() for r in by_seed.values())},
                    "runs": runs, "summary": summary, "paper": PAPER}, f, indent=1, default=json_default)
     print(md)
     return summary
