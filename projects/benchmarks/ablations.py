@@ -427,7 +427,13 @@ def main(argv=None):
              + (f" (config overrides: {' '.join(args.opts)})" if args.opts else "")
              + f", {machine(torch.device(base.MODEL.DEVICE))}; paper: COCO val2017, R50, 50 epochs. "
              "Cells: mean (min–max) over the seeds.")
-    md = format_markdown(summary, title)
+    tune_dataset, tune_images = tuning_split(base, dataset, args.tune_dataset, args.tune_images)
+    same = [v for v, p in plan.items() if p["trains"] != v]
+    notes = [f"Rows without a post-processor: mask-wise merging at the thresholds chosen by PQ on {tune_dataset}"
+             + (f" (first {tune_images} images)" if tune_images else "") + ", per run."]
+    if same:
+        notes.append(f"{', '.join(same)}: the config's own location-decoder depth, i.e. the full model's runs.")
+    md = "# The paper's ablations in miniature\n\n" + format_markdown(summary, title) + "\n" + "\n".join(notes) + "\n"
     with open(os.path.join(args.output_dir, "ablations.md"), "w") as f:
         f.write(md)
     plot_curves(runs, os.path.join(args.output_dir, "ablations.png"), f"Ablation variants on {dataset}")
