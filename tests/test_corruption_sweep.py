@@ -33,10 +33,15 @@ def weights(tmp_path_factory):
     return str(folder / "model.pth")
 
 
+# Thresholds chosen on the first 2 images of DATASETS.TRAIN[0] (the tiny split has no registered held-out
+# split), over a 2-value confidence grid: one tuning pass.
+TUNE = ["--tune-images", "2", "--conf-grid", "0.0", "0.3", "--conf-only"]
+
+
 def _argv(out_dir, weights, *extra):
     return ["--config-file", SHAPES_YAML, "--dataset", "shapes_panoptic_val_tiny", "--output-dir", str(out_dir),
             "--corruptions", *CORRUPTIONS, "--severities", *map(str, SEVS), "--max-images", "3", "--no-progress",
-            *extra, *OPTS, "MODEL.WEIGHTS", weights]
+            *TUNE, *extra, *OPTS, "MODEL.WEIGHTS", weights]
 
 
 def test_sweep_fills_every_cell_and_resumes(tmp_path, weights, capsys):
@@ -46,6 +51,16 @@ def test_sweep_fills_every_cell_and_resumes(tmp_path, weights, capsys):
     keys = {"clean"} | {f"{n}/{s}" for n in CORRUPTIONS for s in SEVS}
     assert set(results["cells"]) == keys and results["runtime"]["computed_this_run"] == len(keys)
     assert results["skipped"] == {}
+    # One set of thresholds, chosen on the clean tuning split and used in every cell.
+    assert results["setup"]["thresholds"]["tune_dataset"] == "shapes_panoptic_train_tiny"
+    chosen = results["thresholds"]
+    assert set(chosen) == {"mask_wise", "pixel_argmax"}
+    assert chosen["mask_wise"]["conf_threshold"] in (0.0, 0.3) and chosen["pixel_argmax"]["threshold"] in (0.0, 0.3)
+    cfg = compare.comparison_cfg(sweep.parse_args(_argv(tmp_path, weights)))
+    clean = compare.score_postprocessors(cfg, compare.load_model(cfg), "shapes_panoptic_val_tiny",
+                                         compare.tuned_rows(cfg, chosen), max_images=3, progress=False)
+    for pp, row in clean.items():
+        assert results["cells"]["clean"]["results"][pp]["PQ"] == row["PQ"]  # same process and code path
     for cell in results["cells"].values():
         assert cell["images"] == 3 and set(cell["results"]) == {"mask_wise", "pixel_argmax"}
         for row in cell["results"].values():
@@ -64,6 +79,8 @@ def test_sweep_fills_every_cell_and_resumes(tmp_path, weights, capsys):
         assert s["corruptions"]["fog"]["mean"] == pytest.approx((pq["fog/1"] + pq["fog/5"]) / 2)
         assert s["mean"] == pytest.approx(sum(v for k, v in pq.items() if k != "clean") / 4)
     assert os.path.getsize(tmp_path / sweep.PLOT_PNG) > 10_000
+    assert ("Thresholds, chosen by PQ on the clean shapes_panoptic_train_tiny (first 2 images) and used in every "
+            f"cell: mask_wise: conf_threshold={chosen['mask_wise']['conf_threshold']:g}; pixel_argmax: ") in table
     # Running again computes nothing; dropping a cell recomputes only that cell, to the same numbers.
     sweep.main(_argv(tmp_path, weights))
     with open(tmp_path / sweep.RESULTS_JSON) as f:
@@ -82,6 +99,8 @@ def test_sweep_fills_every_cell_and_resumes(tmp_path, weights, capsys):
     # Another setup in the same folder is an error, not a silent mix.
     with pytest.raises(ValueError, match=r"corruption_sweep.json: written by a sweep with another setup.*postprocessors"):
         sweep.main(_argv(tmp_path, weights, "--postprocessors", "mask_wise"))
+    with pytest.raises(ValueError, match=r"another setup.*'thresholds'.*'original paper'"):
+        sweep.main(_argv(tmp_path, weights, "--original-paper-thresholds"))
 
 
 def test_one_forward_pass_per_image_feeds_both_postprocessors_with_the_corrupted_images(tmp_path, weights):

@@ -382,8 +382,9 @@ def test_one_forward_pass_per_postprocessor_matches_the_models_own_inference(coc
 
 
 def test_compare_postprocessors_prints_a_row_per_postprocessor(capsys):
-    argv = ["--config-file", SHAPES_YAML, "--dataset", "shapes_panoptic_val_tiny", *SCRIPT_OPTS,
-            "DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "SEED", "1"]
+    # The original papers' thresholds (no tuning; the fair comparison is tested in test_ablations.py).
+    argv = ["--config-file", SHAPES_YAML, "--dataset", "shapes_panoptic_val_tiny", "--original-paper-thresholds",
+            *SCRIPT_OPTS, "DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "SEED", "1"]
     table = compare.main(argv)
     captured = capsys.readouterr()
     printed = captured.out
@@ -394,5 +395,8 @@ def test_compare_postprocessors_prints_a_row_per_postprocessor(capsys):
         for key in compare.METRICS:
             assert 0.0 <= row[key] <= 100.0
         line = next(l for l in printed.splitlines() if l.startswith(f"| {name} |"))
-        assert len(line.strip("|").split("|")) == 7
-    assert "| post-processing | PQ | SQ | RQ | PQ^th | PQ^st |" in printed
+        assert len(line.strip("|").split("|")) == 8
+    assert "| post-processing | thresholds | PQ | SQ | RQ | PQ^th | PQ^st |" in printed
+    assert "| pixel_argmax | threshold=0.85 |" in printed and "| pixel_argmax_prob | object_mask_threshold=0.8 |" in printed
+    assert "original papers' thresholds" in printed
+    assert all(row["setting"] == "original paper" for row in table.values())

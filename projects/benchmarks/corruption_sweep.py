@@ -13,6 +13,13 @@ image id (``panoptic_segformer/data/corruptions.py``). Within a cell the network
 its predictions feed every post-processor of ``--postprocessors`` (default: mask-wise merging and DETR's
 pixel-wise argmax) through ``compare_postprocessors``, each scored by its own COCOPanopticEvaluator.
 
+Thresholds: as in ``compare_postprocessors``' fair comparison, each post-processor's thresholds are chosen
+ONCE, by PQ on the clean tuning split (``--tune-dataset``; default the held-out split of the evaluation set,
+e.g. ``shapes_panoptic_heldout``), and kept for every cell: the model is evaluated zero-shot on corruptions
+it was neither trained nor tuned on (Sec. 4.4). The chosen values are stored in the JSON (a resumed sweep
+reuses them) and printed with the table. ``--original-paper-thresholds`` uses the original papers'
+defaults instead (DETR 0.85, MaskFormer 0.8, the heuristic's 0.5; the config's values for the model's own).
+
 Writes into ``--output-dir``:
 - ``corruption_sweep.json``: the setup, every cell (PQ, SQ, RQ, PQ_th, PQ_st per post-processor, seconds),
   the skipped corruptions with their reason, and the summary. Saved after each cell: running the same
@@ -54,7 +61,20 @@ from panoptic_segformer.data.corruptions import (  # noqa: E402
 from panoptic_segformer.postprocessing import registered_postprocessors  # noqa: E402
 
 from .bench_utils import json_default, machine, markdown_table  # noqa: E402
-from .compare_postprocessors import METRICS, compare_postprocessors, comparison_cfg, load_model  # noqa: E402
+from .compare_postprocessors import (  # noqa: E402
+    METRICS,
+    add_threshold_arguments,
+    comparison_cfg,
+    confidence_threshold_of,
+    format_thresholds,
+    load_model,
+    make_grids,
+    original_paper_rows,
+    score_postprocessors,
+    tune_thresholds,
+    tuned_rows,
+    tuning_split,
+)
 
 __all__ = ["CLEAN", "cell_key", "plan_cells", "run_sweep", "summarize", "format_markdown", "plot_sweep", "main"]
 
@@ -96,10 +116,19 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def threshold_setting(cfg, args, postprocessors: Sequence[str]):
+    """How the thresholds are set: "original paper", or the tuning split, its image limit and the grids."""
+    if args.original_paper_thresholds:
+        return "original paper"
+    tune_dataset, tune_images = tuning_split(cfg, cfg.DATASETS.TEST[0], args.tune_dataset, args.tune_images)
+    return {"tune_dataset": tune_dataset, "tune_images": tune_images,
+            "grids": make_grids(postprocessors, args.conf_grid, args.conf_only)}
+
+
 def setup_signature(cfg, args, postprocessors: Sequence[str]) -> Dict:
     """What a resumed sweep must share with the one that wrote the JSON (the cells may differ)."""
     weights = cfg.MODEL.WEIGHTS
-    return {
+    signature = {
         "config_file": os.path.abspath(args.config_file),
         "opts": list(args.opts),
         "dataset": cfg.DATASETS.TEST[0],
@@ -107,7 +136,9 @@ def setup_signature(cfg, args, postprocessors: Sequence[str]) -> Dict:
         "max_images": args.max_images,
         "weights": weights,
         "weights_sha256": _file_sha256(weights) if weights and os.path.isfile(weights) else None,
+        "thresholds": threshold_setting(cfg, args, postprocessors),
     }
+    return json.loads(json.dumps(signature))  # as read back from the JSON (tuples become lists)
 
 
 def load_results(path: str, signature: Dict) -> Dict:
@@ -136,8 +167,18 @@ def _save_json(path: str, data: Dict) -> None:
     os.replace(tmp, path)
 
 
+def choose_thresholds(cfg, model, setting, postprocessors: Sequence[str], progress: bool = True) -> Dict:
+    """{name: {argument: value}}: each post-processor's thresholds chosen by PQ on the (clean) tuning split
+    of ``setting`` (:func:`threshold_setting`) with ``compare_postprocessors.tune_thresholds``."""
+    tuning = tune_thresholds(cfg, model, setting["tune_dataset"], postprocessors, setting["tune_images"],
+                             {n: [tuple(step) for step in g] for n, g in setting["grids"].items()},
+                             progress=progress)
+    return OrderedDict((n, tuning[n]["chosen"]) for n in postprocessors)
+
+
 def run_sweep(cfg, model, cells: Sequence[tuple], postprocessors: Sequence[str], results: Dict,
-              results_path: Optional[str] = None, max_images: Optional[int] = None, progress: bool = True) -> Dict:
+              results_path: Optional[str] = None, max_images: Optional[int] = None, progress: bool = True,
+              thresholds: Optional[Dict[str, Dict]] = None) -> Dict:
     """Evaluate the cells missing from ``results["cells"]`` (saved to ``results_path`` after each).
 
     Args:
@@ -146,8 +187,14 @@ def run_sweep(cfg, model, cells: Sequence[tuple], postprocessors: Sequence[str],
         cells: [(corruption name or CLEAN, severity)] from :func:`plan_cells`.
         postprocessors: registered names, all fed from one forward pass per image.
         results: {"cells": {key: cell}} of a previous run (updated in place and returned).
+        thresholds: {name: {argument: value}} (:func:`choose_thresholds`), the same in every cell; None:
+            the original papers' defaults.
     """
     dataset = cfg.DATASETS.TEST[0]
+    if thresholds is None:
+        rows = original_paper_rows(cfg, model, postprocessors)
+    else:
+        rows = tuned_rows(cfg, OrderedDict((n, thresholds[n]) for n in postprocessors))
     pending = [c for c in cells if cell_key(*c) not in results["cells"]]
     with tqdm(total=len(pending), unit="cell", desc="corruption sweep", disable=not progress) as bar:
         for name, severity in pending:
@@ -159,7 +206,7 @@ def run_sweep(cfg, model, cells: Sequence[tuple], postprocessors: Sequence[str],
             cell_cfg.TEST.CORRUPTION.SEVERITY = max(severity, 1)
             cell_cfg.freeze()
             start = time.perf_counter()
-            table = compare_postprocessors(cell_cfg, model, dataset, postprocessors, max_images)
+            table = score_postprocessors(cell_cfg, model, dataset, rows, max_images, progress=False)
             seconds = time.perf_counter() - start
             results["cells"][key] = {
                 "corruption": name, "severity": severity, "seconds": seconds,
@@ -279,6 +326,7 @@ def get_parser():
     parser.add_argument("--postprocessors", nargs="+", default=list(DEFAULT_POSTPROCESSORS), metavar="NAME",
                         help="registered post-processors fed from the same forward pass")
     parser.add_argument("--max-images", type=int, default=None, help="first N images of the dataset")
+    add_threshold_arguments(parser)
     parser.add_argument("--restart", action="store_true", help="discard a previous sweep's JSON in --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
@@ -337,12 +385,25 @@ def main(argv=None):
     results = load_results(results_path, signature)
     model = load_model(cfg)
     device = model.device
+    setting = signature["thresholds"]
+    if setting == "original paper":
+        thresholds = OrderedDict((n, confidence_threshold_of(n, pp))
+                                 for n, pp in original_paper_rows(cfg, model, args.postprocessors).items())
+    elif "thresholds" in results:  # chosen by the sweep being resumed
+        thresholds = results["thresholds"]
+    else:
+        start = time.perf_counter()
+        thresholds = choose_thresholds(cfg, model, setting, args.postprocessors, progress=not args.no_progress)
+        results["thresholds"] = thresholds
+        results["tuning_seconds"] = time.perf_counter() - start
+        _save_json(results_path, results)
+    results["thresholds"] = thresholds
     done_before = sum(cell_key(*c) in results["cells"] for c in cells)
     if done_before:
         logger.info(f"resuming: {done_before} of {len(cells)} cells already in {results_path}")
     start = time.perf_counter()
     run_sweep(cfg, model, cells, args.postprocessors, results, results_path, args.max_images,
-              progress=not args.no_progress)
+              progress=not args.no_progress, thresholds=None if setting == "original paper" else thresholds)
     wall = time.perf_counter() - start
     computed = len(cells) - done_before
 
@@ -359,6 +420,13 @@ def main(argv=None):
     title = (f"Corruption sweep of {weights} on {cfg.DATASETS.TEST[0]} ({images} images per cell, "
              f"{len(cells)} cells)")
     markdown = format_markdown(summary, corruptions, args.severities, skipped, title)
+    chosen = "; ".join(f"{n}: {format_thresholds(t)}" for n, t in thresholds.items())
+    if setting == "original paper":
+        markdown += f"\nThresholds: the original papers' defaults ({chosen}).\n"
+    else:
+        markdown += (f"\nThresholds, chosen by PQ on the clean {setting['tune_dataset']}"
+                     + (f" (first {setting['tune_images']} images)" if setting["tune_images"] else "")
+                     + f" and used in every cell: {chosen}.\n")
     markdown += (f"\nMachine: {machine(device)}. Evaluation time: {cell_seconds / 60:.1f} min for the "
                  f"{len(cells)} cells ({cell_seconds / len(cells):.1f} s per cell, one forward pass per image "
                  f"for {len(args.postprocessors)} post-processors).\n")
