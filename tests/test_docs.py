@@ -265,14 +265,15 @@ def test_visualize_commands_run_on_tiny_settings(tmp_path):
             "(its tiny dataset lets this test run it)"
         opts = [x for key, value in zip(args.opts[::2], args.opts[1::2]) if key != "MODEL.WEIGHTS"
                 for x in (key, value)]
-        key = (args.config_file, tuple(args.postprocessors), tuple(opts))
+        key = (args.config_file, tuple(args.postprocessors), tuple(args.thresholds), tuple(opts))
         runs.setdefault(key, (args, opts))
     for i, (args, opts) in enumerate(runs.values()):
         out = str(tmp_path / str(i))
         paths = visualize.main(
             ["--postprocessors", *args.postprocessors, "--config-file", os.path.join(REPO, args.config_file),
              "--dataset", "shapes_panoptic_val_tiny", "--num-images", "2", "--attention-image",
-             str(min(args.attention_image, 1)), "--output-dir", out, "--prefix", args.prefix] + opts + tiny)
+             str(min(args.attention_image, 1)), "--output-dir", out, "--prefix", args.prefix]
+            + [x for t in args.thresholds for x in ("--thresholds", t)] + opts + tiny)
         assert [os.path.basename(p) for p in paths] == [f"{args.prefix}predictions.png", f"{args.prefix}attention.png"]
         for path in paths:
             with Image.open(path) as image:

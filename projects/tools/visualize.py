@@ -14,8 +14,10 @@ It writes two PNG files into ``--output-dir`` (their names start with ``--prefix
   Alg. 1, against DETR's pixel-wise argmax, Table 7). The network runs once per image and every
   post-processor gets the same per-query predictions (``compare_postprocessors.predict_with_postprocessors``);
   the post-processor named by ``TEST.POSTPROCESSOR`` is the model's own, the others use their
-  constructors' defaults (their original papers' thresholds). Everything is drawn with Detectron2's
-  ``Visualizer`` and the metadata of the dataset.
+  constructors' defaults (their original papers' thresholds), unless ``--thresholds`` gives a column its
+  arguments -- for a fair picture, the ones ``compare_postprocessors`` chose for this model on a held-out
+  split (DETR's 0.85 was set for softmax classifiers and removes most things of a focal-loss model).
+  Everything is drawn with Detectron2's ``Visualizer`` and the metadata of the dataset.
 - ``attention.png``: the level-1 (stride 8) attention maps A of Eq. (1) for the highest-scoring thing
   segment (a stuff segment if the image has no thing) of the image ``--attention-image``: one row per
   mask-decoder layer, one column per head, over the image (the demo's ``--show-attention`` grid). These
@@ -28,7 +30,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,10 +41,10 @@ from panoptic_segformer import PanopticSegFormerPredictor
 from panoptic_segformer.config import setup_cfg
 from panoptic_segformer.data.io import read_image_rgb, read_panoptic_png
 from panoptic_segformer.postprocessing import build_postprocessor, registered_postprocessors
-from projects.benchmarks.compare_postprocessors import predict_with_postprocessors
+from projects.benchmarks.compare_postprocessors import base_kwargs, predict_with_postprocessors
 from projects.demo.demo import predict_with_attention, predictor_inputs, query_attention_maps, save_attention_grid
 
-__all__ = ["get_parser", "visualize_cfg", "ground_truth", "draw_panoptic_rgb", "prediction_rows",
+__all__ = ["get_parser", "parse_thresholds", "build_columns", "visualize_cfg", "ground_truth", "draw_panoptic_rgb", "prediction_rows",
            "save_prediction_grid", "save_segment_attention", "main"]
 
 logger = logging.getLogger("panoptic_segformer_tools")
@@ -59,6 +61,11 @@ def get_parser():
                         help="these dataset indices instead of the first --num-images")
     parser.add_argument("--postprocessors", nargs="+", default=["mask_wise", "pixel_argmax"], metavar="NAME",
                         help="one column per registered post-processor")
+    parser.add_argument("--thresholds", action="append", default=[], metavar="NAME:ARG=V[,ARG=V]",
+                        help="constructor arguments of a post-processor column (repeat per column), e.g. "
+                             "pixel_argmax:threshold=0.4,area_threshold=64 (the values compare_postprocessors "
+                             "chose for the model; default: the config's TEST.* keys for the model's own "
+                             "post-processor, the constructor's defaults for the others)")
     parser.add_argument("--attention-image", type=int, default=0, metavar="K",
                         help="draw the attention maps of a segment of the K-th shown image (0-based)")
     parser.add_argument("--output-dir", required=True, help="folder for predictions.png and attention.png")
@@ -66,6 +73,44 @@ def get_parser():
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model.pth")
     return parser
+
+
+def parse_thresholds(items: Sequence[str], names: Sequence[str]) -> Dict[str, Dict]:
+    """``["pixel_argmax:threshold=0.4,area_threshold=64", ...]`` -> {name: {argument: number}}; a
+    SystemExit naming the item for a malformed one or a post-processor that is not drawn."""
+    out = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or name not in names or not rest:
+            raise SystemExit(f"--thresholds {item!r}: expected NAME:ARG=VALUE[,ARG=VALUE] with NAME one of "
+                             f"--postprocessors {list(names)}")
+        for pair in rest.split(","):
+            arg, eq, value = pair.partition("=")
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if not eq or not arg or number is None:
+                raise SystemExit(f"--thresholds {item!r}: {pair!r} is not ARG=NUMBER")
+            out.setdefault(name, {})[arg] = int(number) if number.is_integer() and "." not in value else number
+    return out
+
+
+def build_columns(cfg, model, names: Sequence[str], thresholds: Dict[str, Dict]) -> Dict:
+    """{name: post-processor} for the drawn columns: the model's own one (its config's TEST.* keys) unless
+    ``thresholds`` names it, else ``build_postprocessor(name, **base + thresholds)``."""
+    own_name = cfg.MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR
+    columns = {}
+    for n in names:
+        if n == own_name and n not in thresholds:
+            columns[n] = model.postprocessor
+            continue
+        kwargs = {**base_kwargs(cfg, n), **thresholds.get(n, {})}
+        try:
+            columns[n] = build_postprocessor(n, **kwargs)
+        except TypeError as e:
+            raise SystemExit(f"--thresholds for {n}: {e}") from None
+    return columns
 
 
 def visualize_cfg(args):
@@ -92,12 +137,12 @@ def draw_panoptic_rgb(rgb: np.ndarray, panoptic_seg: torch.Tensor, segments_info
     return Visualizer(rgb, metadata).draw_panoptic_seg(panoptic_seg.cpu(), segments_info).get_image()
 
 
-def prediction_rows(predictor, records: Sequence[Dict], names: Sequence[str], metadata) -> List[List[np.ndarray]]:
-    """Per record: [input, ground truth, one drawing per post-processor], all RGB at the image size."""
+def prediction_rows(predictor, records: Sequence[Dict], names: Sequence[str], metadata,
+                    thresholds: Optional[Dict[str, Dict]] = None) -> List[List[np.ndarray]]:
+    """Per record: [input, ground truth, one drawing per post-processor], all RGB at the image size;
+    ``thresholds``: see :func:`build_columns`."""
     model = predictor.model
-    own = model.postprocessor
-    postprocessors = {n: own if n == predictor.cfg.MODEL.PANOPTIC_SEGFORMER.TEST.POSTPROCESSOR
-                      else build_postprocessor(n) for n in names}
+    postprocessors = build_columns(predictor.cfg, model, names, thresholds or {})
     rows = []
     for record in records:
         rgb = np.ascontiguousarray(read_image_rgb(record["file_name"], "RGB"))
@@ -168,6 +213,7 @@ def main(argv=None) -> List[str]:
     unknown = [n for n in args.postprocessors if n not in registered_postprocessors()]
     if unknown:
         raise SystemExit(f"unknown post-processor(s) {unknown}; registered: {registered_postprocessors()}")
+    thresholds = parse_thresholds(args.thresholds, args.postprocessors)
     cfg = visualize_cfg(args)
     dataset = cfg.DATASETS.TEST[0]
     records = DatasetCatalog.get(dataset)
@@ -183,7 +229,8 @@ def main(argv=None) -> List[str]:
         logger.warning("MODEL.WEIGHTS is empty: drawing a randomly initialised model")
     os.makedirs(args.output_dir, exist_ok=True)
     shown = [records[i] for i in indices]
-    rows = prediction_rows(predictor, shown, args.postprocessors, metadata)
+    build_columns(cfg, predictor.model, args.postprocessors, thresholds)  # bad arguments fail before drawing
+    rows = prediction_rows(predictor, shown, args.postprocessors, metadata, thresholds)
     titles = ["input", "ground truth"] + [_TITLES.get(n, n) for n in args.postprocessors]
     paths = [os.path.join(args.output_dir, f"{args.prefix}{name}.png") for name in ("predictions", "attention")]
     save_prediction_grid(rows, titles, paths[0])
