@@ -16,7 +16,7 @@ setup:
 	$(PY) -m panoptic_segformer.collect_env
 
 test:
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS) tests
 
 collect-env:
 	$(PY) -m panoptic_segformer.collect_env
