@@ -189,7 +189,13 @@ class PreemptionHook(HookBase):
             signal.siginterrupt(s, False)  # restart interrupted system calls (gloo, file I/O)
 
     def _handle(self, signum, frame):
-        if os.getpid() != self._pid:  # a forked DataLoader / evaluation worker: the trainer decides
+        if os.getpid() != self._pid:  # a process forked by the trainer inherited this handler
+            if torch.utils.data.get_worker_info() is not None:
+                return  # a DataLoader worker: the trainer stops it (a cluster signals every process)
+            # Anything else (panopticapi's evaluation pool, whose Pool.terminate() stops its workers with
+            # SIGTERM) ends on the signal as it would without this hook; ignoring it would hang the pool.
+            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
         name = signal.Signals(signum).name
         if self._received is None:
@@ -219,8 +225,10 @@ class PreemptionHook(HookBase):
                 self.before_save()
             self.checkpointer.save(name, iteration=it)
         comm.synchronize()  # no process exits before rank 0 has written the checkpoint
-        raise TrainingPreempted(it, os.path.join(self.checkpointer.save_dir, name + ".pth"),
-                                self._received or "a signal on another rank")
+        stop = TrainingPreempted(it, os.path.join(self.checkpointer.save_dir, name + ".pth"),
+                                 self._received or "a signal on another rank")
+        logger.warning(str(stop))
+        raise stop
 
     def after_train(self):
         for s, handler in self._previous.items():
