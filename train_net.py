@@ -54,7 +54,8 @@ def run(args):
     PREEMPTION_EXIT_CODE (``launch`` reports a worker's exit code as an exception)."""
     check_launch(args.num_gpus * args.num_machines)
     if args.num_gpus > 1:  # this process only waits for its workers: pass the preemption signals on
-        forward_signals_to_children(parse_preemption_signals(setup_cfg(args.config_file, args.opts).SOLVER.PREEMPTION_SIGNALS))
+        signals = setup_cfg(args.config_file, args.opts).SOLVER.PREEMPTION_SIGNALS
+        forward_signals_to_children(parse_preemption_signals(signals))
     try:
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))

@@ -10,8 +10,8 @@ of an iteration (2 processes), and a resume where rank 1 has no copy of the chec
 OUTPUT_DIR). The signals are sent by the processes to themselves from inside the code they interrupt (a
 forward pre-hook, the checkpoint writer), so that each lands at a known point. The data: two shapes splits
 of different aspect ratios (aspect-ratio grouping keeps partly filled buckets across checkpoints),
-multi-scale resize and flip, dropout 0.1, and one DataLoader worker in one segment, none in the others
-(changing the number of workers at resume is exact too). ``train_net.py`` itself is run once and sent SIGTERM from
+multi-scale resize and flip, dropout 0.1, and one DataLoader worker in one segment of the one-process run,
+none in the others (changing the number of workers at resume is exact too). ``train_net.py`` itself is run once and sent SIGTERM from
 outside: it exits with code 75.
 """
 import errno
@@ -221,7 +221,7 @@ def test_two_processes_interrupted_and_resumed_without_shared_output_dir_end_exa
     out, rank1_dir = str(tmp_path / "out"), str(tmp_path / "rank1_own")
     # Only rank 1 gets SIGTERM (mid-iteration 1); rank 0 gets one while writing that checkpoint: both stop after 1.
     inject = {1: [("forward", signal.SIGTERM, 1)], 0: [("write", signal.SIGTERM, 1)]}
-    assert _run(pools(2), out, False, 1, inject) == [{"preempted": (75, 1)}] * 2  # with a DataLoader worker
+    assert _run(pools(2), out, False, 0, inject) == [{"preempted": (75, 1)}] * 2
     assert _last_checkpoint(out) == "model_0000001.pth"
     # SIGTERM on rank 0 during the evaluation after iteration 3.
     assert _run(pools(2), out, True, 0, {0: [("eval", signal.SIGTERM, None)]}) == [{"preempted": (75, 3)}] * 2
@@ -242,7 +242,8 @@ def test_two_processes_interrupted_and_resumed_without_shared_output_dir_end_exa
 def test_train_net_exits_with_code_75_after_sigterm_with_a_checkpoint(tmp_path):
     """The command line as a cluster job runs it: SIGTERM from outside during training."""
     cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file", SHAPES, *OPTS,
-           "SOLVER.MAX_ITER", "1000", "DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "1", "OUTPUT_DIR", str(tmp_path)]
+           "SOLVER.MAX_ITER", "1000", "DATASETS.TRAIN", "('shapes_panoptic_train_tiny',)", "DATASETS.TEST", "()",
+           "DATALOADER.NUM_WORKERS", "1", "OUTPUT_DIR", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = []
