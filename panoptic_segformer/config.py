@@ -181,6 +181,11 @@ def add_panoptic_segformer_config(cfg):
     cfg.SOLVER.CPU_THREADS = 0
     # With CPU_THREADS 0: iterations between two probes, since the machine's load changes; 0 = probe once.
     cfg.SOLVER.CPU_THREADS_PROBE_PERIOD = 1000
+    # Signals that stop training gracefully (panoptic_segformer/resume.py): all processes stop at the same
+    # iteration, rank 0 writes its checkpoint, and the process exits with code 75 (then run the same command
+    # with --resume). SLURM sends SIGTERM before it kills a job, or the signal of `--signal=USR1@120`.
+    # [] = Python's default handling (the process dies at once; --resume continues from the last checkpoint).
+    cfg.SOLVER.PREEMPTION_SIGNALS = ["SIGTERM", "SIGUSR1"]
 
     # Data (Sec. 4.1): augmentations of PanopticSegFormerDatasetMapper.
     # With this probability, DETR-style crop: resize the short side to one of CROP_RESIZE_SHORT,

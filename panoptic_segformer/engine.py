@@ -7,8 +7,13 @@ backbone LR multiplier, Appendix A.1; full-model gradient clipping), checkpointe
 model that also runs on the CPU (:func:`build_ddp_model`; gloo) with synchronised BatchNorm
 statistics (:func:`check_batch_norm_synchronised`). The Trainer also installs
 :class:`CPUThreadsHook` (``SOLVER.CPU_THREADS``), which picks the training process's intra-op thread count
-on the CPU. ``train_net.py`` parses the command line, sets up the config and launches the processes; tools
-under ``projects/`` import from here.
+on the CPU. For preemptible clusters it trains on a :class:`~panoptic_segformer.data.resumable_loader.
+ResumableTrainLoader` (data order and augmentations continue exactly on ``--resume``), keeps the random
+generators and logged scalars in every checkpoint (:class:`~panoptic_segformer.resume.TrainingStateHook`),
+stops all processes with a checkpoint on SOLVER.PREEMPTION_SIGNALS
+(:class:`~panoptic_segformer.resume.PreemptionHook`) and makes every rank resume from rank 0's checkpoint
+(:meth:`Trainer.resume_or_load`). ``train_net.py`` parses the command line, sets up the config and launches
+the processes; tools under ``projects/`` import from here.
 """
 import itertools
 import logging
@@ -20,7 +25,8 @@ from typing import Optional
 
 import torch
 import detectron2.utils.comm as comm
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, create_ddp_model
 from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -28,7 +34,9 @@ from detectron2.utils.logger import setup_logger
 
 from .checkpoint import PanopticSegFormerCheckpointer
 from .data import PanopticSegFormerDatasetMapper
+from .data.resumable_loader import ResumableTrainLoader
 from .evaluation import ThingMaskAPEvaluator
+from .resume import PreemptionHook, TrainingStateHook, agree_on_resume_checkpoint, parse_preemption_signals
 
 __all__ = ["Trainer", "CPUThreadsHook", "available_core_seconds", "build_optimizer", "build_optimizer_params",
            "param_lr_factor",
@@ -364,8 +372,9 @@ class _BatchPixels:
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with Panoptic SegFormer's mapper, evaluators, optimizer and checkpointer, a DDP
-    model that also runs on the CPU (gloo) with synchronised BatchNorm statistics, and the CPU thread
-    count of SOLVER.CPU_THREADS (:class:`CPUThreadsHook`)."""
+    model that also runs on the CPU (gloo) with synchronised BatchNorm statistics, the CPU thread
+    count of SOLVER.CPU_THREADS (:class:`CPUThreadsHook`), and exact resume after a preemption (the
+    module docstring)."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__ (identical in Detectron2 v0.6 and upstream main) with the model
@@ -373,13 +382,15 @@ class Trainer(DefaultTrainer):
         # data loader wrapped by _BatchPixels (CPUThreadsHook compares thread counts by iteration time
         # per pixel of the batch) and a PanopticSegFormerCheckpointer instead of a DetectionCheckpointer.
         super(DefaultTrainer, self).__init__()
+        self._preemption_signals = parse_preemption_signals(cfg.SOLVER.PREEMPTION_SIGNALS)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         check_batch_norm_synchronised(model, comm.get_world_size())
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self._train_batch_pixels = _BatchPixels(self.build_train_loader(cfg))
+        self._train_loader = self.build_train_loader(cfg)
+        data_loader = self._train_batch_pixels = _BatchPixels(self._train_loader)
         model = build_ddp_model(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -390,31 +401,76 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self._state_hook = TrainingStateHook(cfg.SOLVER.CHECKPOINT_PERIOD)
         self.register_hooks(self.build_hooks())
 
     # Checkpoints hold the optimizer state too, so --resume continues the optimizer (Adam moments and
     # step counts) where it stopped. Upstream main's DefaultTrainer does this; v0.6's saves only the
-    # iteration and the LR scheduler. Checkpoints written without it still load.
+    # iteration and the LR scheduler. And the training data's position (ResumableTrainLoader), so that
+    # the data order continues. Checkpoints written without them still load.
     def state_dict(self):
         ret = super(DefaultTrainer, self).state_dict()  # TrainerBase's: iteration and hooks
         ret["_trainer"] = self._trainer.state_dict()
+        if isinstance(self._train_loader, ResumableTrainLoader):
+            ret["data_loader"] = self._train_loader.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super(DefaultTrainer, self).load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        if "data_loader" in state_dict and isinstance(self._train_loader, ResumableTrainLoader):
+            self._train_loader.load_state_dict(state_dict["data_loader"])
+        elif self.iter > 0:
+            logging.getLogger(__name__).warning(
+                "The checkpoint holds no training data position (or DATALOADER.SAMPLER_TRAIN is not "
+                "TrainingSampler): the data order restarts from its beginning")
+
+    def resume_or_load(self, resume=True):
+        """As DefaultTrainer's, with every rank resuming from the checkpoint rank 0's ``last_checkpoint``
+        names, read from rank 0 by the ranks without an identical copy (no shared OUTPUT_DIR); incomplete
+        writes of a killed run are removed first. Without ``resume`` (or without a checkpoint), MODEL.WEIGHTS
+        is loaded as Detectron2 does. Ranks that end at different iterations are a RuntimeError naming them."""
+        if not resume:
+            return super().resume_or_load(resume=False)
+        self.checkpointer.remove_incomplete()
+        path, data = agree_on_resume_checkpoint(self.checkpointer)
+        if not path:
+            return super().resume_or_load(resume=False)
+        self.checkpointer.load_agreed(path, data)
+        self.start_iter = self.iter + 1
+        if comm.get_world_size() > 1:
+            starts = comm.all_gather(self.start_iter)
+            if len(set(starts)) > 1:
+                raise RuntimeError("ranks would resume at different iterations ("
+                                   + ", ".join(f"rank {r}: {s}" for r, s in enumerate(starts)) + f") from {path}")
 
     def build_hooks(self):
-        # First, so that its iteration times exclude the other hooks' periodic work (see CPUThreadsHook).
-        return [self.build_cpu_threads_hook(self.cfg)] + super().build_hooks()
+        # CPUThreadsHook first, so that its iteration times exclude the other hooks' periodic work (see
+        # CPUThreadsHook); TrainingStateHook next, so that it captures the random generators right after the
+        # training step; PreemptionHook last, after the iteration's evaluation and periodic checkpoint.
+        return ([self.build_cpu_threads_hook(self.cfg), self._state_hook] + super().build_hooks()
+                + [PreemptionHook(self._preemption_signals, self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD,
+                                  before_save=self._state_hook.gather)])
 
     def build_cpu_threads_hook(self, cfg, **kwargs):
         return CPUThreadsHook.from_config(cfg, work=self._train_batch_pixels, **kwargs)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=PanopticSegFormerDatasetMapper(cfg, is_train=True))
+        """A :class:`ResumableTrainLoader` (data seed SEED, or one shared random seed when SEED < 0) for
+        DATALOADER.SAMPLER_TRAIN "TrainingSampler"; Detectron2's loader for its other samplers, whose
+        order a resumed run does not continue (logged as a warning)."""
+        mapper = PanopticSegFormerDatasetMapper(cfg, is_train=True)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            logging.getLogger(__name__).warning(
+                f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: Detectron2's training loader, whose "
+                "data order and augmentations restart on --resume (TrainingSampler continues them exactly)")
+            return build_detection_train_loader(cfg, mapper=mapper)
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        return ResumableTrainLoader(dataset, mapper, cfg.SOLVER.IMS_PER_BATCH, seed=cfg.SEED if cfg.SEED >= 0 else None,
+                                    aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+                                    num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

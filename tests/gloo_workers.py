@@ -24,6 +24,8 @@ from datetime import timedelta
 
 import torch.multiprocessing as mp
 
+from panoptic_segformer.launch import launch_starts_cpu_processes  # noqa: F401  (the tests' import)
+
 # What every worker imports anyway, imported once by the fork server the workers start from.
 PRELOAD = ("torch", "detectron2.engine", "detectron2.evaluation", "panoptic_segformer.engine")
 
@@ -181,37 +183,3 @@ class GlooWorkers:
             for p in self._procs:
                 p.join(timeout=30)
         self.kill()
-
-
-def _nothing():
-    pass
-
-
-def launch_starts_cpu_processes():
-    """Whether the installed Detectron2's ``launch()`` starts processes without CUDA (upstream main:
-    gloo; v0.6 asserts CUDA). Found by running the worker that ``launch()`` starts in each process,
-    in this process, with a rendezvous URL no backend accepts: v0.6's worker fails its CUDA assertion
-    before the rendezvous, upstream main's gets to the rendezvous (with its gloo backend) and fails
-    there. No process group is created either way. Without that private worker, ``launch()`` itself
-    starts 2 processes (seconds)."""
-    import importlib
-
-    import torch
-
-    launch_module = importlib.import_module("detectron2.engine.launch")  # the module, not the function
-    try:
-        worker = launch_module._distributed_worker
-    except AttributeError:
-        worker = None
-    try:
-        if worker is None:
-            launch_module.launch(_nothing, 2, dist_url="auto")
-        else:
-            worker(0, _nothing, 2, 2, 0, "no-such-rendezvous://", ())
-    except Exception as e:
-        if not torch.cuda.is_available() and "cuda is not available" in str(e):
-            return False
-        if worker is None:
-            raise
-        return True  # got past any CUDA requirement to the rendezvous
-    return worker is None

@@ -258,8 +258,14 @@ def test_killed_two_process_training_resumes_from_its_last_checkpoint(resumed_ru
 def test_only_rank_0_writes_checkpoints_and_metrics(resumed_run):
     out = str(resumed_run["out"])
     killed, resumed = resumed_run["killed"]["writes"], resumed_run["writes"]
-    names = [{os.path.relpath(p, out) for p in killed[r] + resumed[r] if p.startswith(out + os.sep)}
-             for r in range(2)]
+    # Checkpoints are written as ".<name>.incomplete" and renamed (panoptic_segformer.checkpoint.atomic_write).
+    from panoptic_segformer.checkpoint import TEMP_SUFFIX
+
+    def final_name(path):
+        name = os.path.relpath(path, out)
+        return name[1:-len(TEMP_SUFFIX)] if name.startswith(".") and name.endswith(TEMP_SUFFIX) else name
+
+    names = [{final_name(p) for p in killed[r] + resumed[r] if p.startswith(out + os.sep)} for r in range(2)]
     rank0, rank1 = names
     assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "last_checkpoint", "metrics.json"} <= rank0
     assert not {n for n in rank1 if n.endswith(".pth") or n in ("last_checkpoint", "metrics.json", "config.yaml")
