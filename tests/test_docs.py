@@ -196,6 +196,12 @@ def test_documented_command_parses(where, argv, monkeypatch):
             text = f.read()
         for option in (a for a in argv[2:] if a.startswith("--")):
             assert f"{option})" in text, f"{where}: {argv[1]} has no option {option}"
+    elif program == "sbatch":  # sbatch [--opt=value ...] SCRIPT ARGS: a batch script of the project that passes
+        script = next(a for a in argv[1:] if not a.startswith("-"))  # ARGS on to train_net.py
+        with open(os.path.join(REPO, script)) as f:
+            assert 'train_net.py "$@"' in f.read(), f"{where}: {script} does not pass its arguments to train_net.py"
+        args = argv[argv.index(script) + 1:]
+        _check_namespace(where, _parse_python_command(where, ["train_net.py", *args], monkeypatch))
     elif PYTHONS.search(program):
         if argv[1:3] == ["-m", "pytest"]:
             for target in (a for a in argv[3:] if not a.startswith("-")):
