@@ -470,7 +470,8 @@ class Trainer(DefaultTrainer):
         dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         return ResumableTrainLoader(dataset, mapper, cfg.SOLVER.IMS_PER_BATCH, seed=cfg.SEED if cfg.SEED >= 0 else None,
                                     aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-                                    num_workers=cfg.DATALOADER.NUM_WORKERS)
+                                    num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                    ignore_signals=parse_preemption_signals(cfg.SOLVER.PREEMPTION_SIGNALS))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

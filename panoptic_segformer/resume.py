@@ -38,7 +38,7 @@ from detectron2.utils import comm
 from fvcore.common.history_buffer import HistoryBuffer
 
 __all__ = ["PREEMPTION_EXIT_CODE", "TrainingPreempted", "PreemptionHook", "TrainingStateHook",
-           "parse_preemption_signals", "agree_on_resume_checkpoint", "rng_state", "set_rng_state"]
+           "parse_preemption_signals", "ignore_signals", "agree_on_resume_checkpoint", "rng_state", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,26 +177,19 @@ class PreemptionHook(HookBase):
     def __init__(self, signals, checkpointer, checkpoint_period: int, before_save=None):
         self.signals, self.checkpointer, self.period = tuple(signals), checkpointer, int(checkpoint_period)
         self.before_save = before_save  # run on every process before the checkpoint (a collective)
-        self._received, self._previous, self._pid = None, {}, None
+        self._received, self._previous = None, {}
 
     def before_train(self):
-        self._received, self._pid = None, os.getpid()
+        self._received = None
         if threading.current_thread() is not threading.main_thread():
             logger.warning("Training runs outside the main thread: no preemption signal handlers installed")
             return
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handle)
             signal.siginterrupt(s, False)  # restart interrupted system calls (gloo, file I/O)
+        _RESTORE_IN_FORKED_CHILD.update(self._previous)
 
     def _handle(self, signum, frame):
-        if os.getpid() != self._pid:  # a process forked by the trainer inherited this handler
-            if torch.utils.data.get_worker_info() is not None:
-                return  # a DataLoader worker: the trainer stops it (a cluster signals every process)
-            # Anything else (panopticapi's evaluation pool, whose Pool.terminate() stops its workers with
-            # SIGTERM) ends on the signal as it would without this hook; ignoring it would hang the pool.
-            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         name = signal.Signals(signum).name
         if self._received is None:
             self._received = name
@@ -233,7 +226,33 @@ class PreemptionHook(HookBase):
     def after_train(self):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+            _RESTORE_IN_FORKED_CHILD.pop(s, None)
         self._previous = {}
+
+
+# A process forked while the handlers are installed (panopticapi's evaluation pool, DataLoader workers) gets
+# the previous handlers back at once: it must not inherit a handler that only sets a flag, with restarted
+# system calls (siginterrupt False), or a pool worker blocked on its task queue would never end on the
+# SIGTERM of Pool.terminate() and the pool's clean-up would wait forever. DataLoader workers of the
+# training loader then ignore the signals (``ignore_signals`` below): the trainer stops them.
+_RESTORE_IN_FORKED_CHILD = {}
+
+
+def _restore_signal_handlers_in_forked_child():
+    for s, handler in _RESTORE_IN_FORKED_CHILD.items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    _RESTORE_IN_FORKED_CHILD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restore_signal_handlers_in_forked_child)
+
+
+def ignore_signals(signums, worker_id=None) -> None:
+    """``worker_init_fn`` of the training loader's workers: ignore the preemption signals ``signums`` (a
+    cluster signals every process of a job; the trainer stops its DataLoader workers itself)."""
+    for s in signums:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _digest(path) -> Optional[str]:

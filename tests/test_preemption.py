@@ -328,3 +328,36 @@ def _check_resumed_orders(loader, take, caplog):
     caplog.clear()
     loader(batch_size=3).load_state_dict(state)
     assert "SOLVER.IMS_PER_BATCH 2 -> 3" in caplog.text
+
+
+def _handler_names(*_):
+    return [str(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGUSR1)]
+
+
+def _worker_handlers(record):
+    return _handler_names()
+
+
+def test_forked_children_get_the_previous_handlers_and_loader_workers_ignore_the_signals():
+    """While the hook's handlers are installed, a forked process (panopticapi's evaluation pool) gets the
+    previous handlers back at the fork -- not a flag-setting handler whose restarted system calls would
+    keep a pool worker alive through Pool.terminate()'s SIGTERM -- and the training loader's DataLoader
+    workers ignore the preemption signals."""
+    import multiprocessing
+
+    from panoptic_segformer.data.resumable_loader import ResumableTrainLoader
+    from panoptic_segformer.resume import PreemptionHook
+
+    hook = PreemptionHook([signal.SIGTERM, signal.SIGUSR1], checkpointer=None, checkpoint_period=0)
+    hook.before_train()
+    try:
+        assert signal.getsignal(signal.SIGTERM) == hook._handle
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply(_handler_names) == [str(signal.SIG_DFL)] * 2
+        signals = (int(signal.SIGTERM), int(signal.SIGUSR1))
+        loader = ResumableTrainLoader([{"id": 0, "width": 8, "height": 8}], _worker_handlers, 1, seed=0,
+                                      num_workers=1, ignore_signals=signals)
+        assert next(iter(loader)) == [[str(signal.SIG_IGN)] * 2]
+    finally:
+        hook.after_train()
+    assert signal.getsignal(signal.SIGTERM) != hook._handle

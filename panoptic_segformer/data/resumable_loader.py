@@ -30,17 +30,22 @@ the same images with the same augmentations, split differently among the process
 differ by floating-point rounding; logged as a warning). Another batch size or dataset is a warning
 that says what changes.
 """
+import atexit
 import collections
+import functools
 import itertools
 import logging
 import random
-from typing import Dict, List, Optional
+import weakref
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.utils.data as torchdata
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
+
+from ..resume import ignore_signals
 
 __all__ = ["ResumableTrainLoader", "global_batches", "sample_seed"]
 
@@ -142,6 +147,22 @@ def _as_list(batch):
     return batch
 
 
+# Iterators whose DataLoader workers may still run. Workers that ignore SIGTERM (``ignore_signals``) would
+# not end on the SIGTERM that multiprocessing's exit handler sends to daemonic children before joining them,
+# which happens when the trainer (and so this iterator) is still alive at exit -- after a preemption, say.
+# This exit handler, registered after multiprocessing's and so run before it, shuts them down the way the
+# DataLoader does when it is garbage-collected (a sentinel on each worker's queue, then join).
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_live_workers():
+    for batches in list(_LIVE_ITERATORS):
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's _MultiProcessingDataLoaderIter
+        if shutdown is not None:
+            shutdown()
+
+
 class ResumableTrainLoader:
     """Iterable of this rank's training batches (lists of mapped dicts) with a checkpointable position
     (see the module docstring).
@@ -153,10 +174,12 @@ class ResumableTrainLoader:
         seed: data seed, the same on every rank (None: ``comm.shared_random_seed()``).
         aspect_ratio_grouping: group global batches by landscape / portrait (dicts' "width" and "height").
         num_workers: DataLoader worker processes (the result does not depend on it).
+        ignore_signals: signal numbers the workers ignore (the preemption signals, which the trainer handles).
     """
 
     def __init__(self, dataset: List[Dict], mapper, total_batch_size: int, *, seed: Optional[int] = None,
-                 aspect_ratio_grouping: bool = True, num_workers: int = 0, shuffle: bool = True):
+                 aspect_ratio_grouping: bool = True, num_workers: int = 0, shuffle: bool = True,
+                 ignore_signals: Sequence[int] = ()):
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         if total_batch_size <= 0 or total_batch_size % self.world_size:
             raise ValueError(f"SOLVER.IMS_PER_BATCH ({total_batch_size}) must be a positive multiple of the "
@@ -169,6 +192,7 @@ class ResumableTrainLoader:
             self.group_ids = np.array([0 if w > h else 1 for w, h in map(_image_size, dataset)], dtype=np.uint8)
         self.dataset = _SeededMapDataset(DatasetFromList(dataset, copy=False), mapper, self._seed_sequence)
         self.num_workers = int(num_workers)
+        self.ignore_signals = tuple(int(x) for x in ignore_signals)
         seed = comm.shared_random_seed() if seed is None else int(seed)
         self._state = {"seed": seed, "position": 0, "buckets": [[], []]}
 
@@ -214,8 +238,11 @@ class ResumableTrainLoader:
         sampler = _BatchSampler(self)
         generator = torch.Generator()  # worker base seeds; never draws from the global generator
         generator.manual_seed(self._state["seed"])
+        init = functools.partial(ignore_signals, self.ignore_signals) if self.ignore_signals else None
         loader = torchdata.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                      collate_fn=_as_list, generator=generator)
-        for batch in loader:
+                                      collate_fn=_as_list, generator=generator, worker_init_fn=init)
+        batches = iter(loader)
+        _LIVE_ITERATORS.add(batches)
+        for batch in batches:
             self._state = dict(self._state, **sampler.states.popleft())
             yield batch
